@@ -1,0 +1,121 @@
+"""``dpskin`` command line: a thin wrapper over the library.
+
+    dpskin train [--config FILE] [--set key=value ...] [--runs DIR]
+    dpskin runs [--runs DIR]
+    dpskin data synth --n N --size S --out DIR [--seed K]
+    dpskin download {isic2018,dermamnist} --dest DIR [--base-url URL]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .errors import DpskinError
+
+
+def parse_overrides(items: List[str]) -> Dict[str, object]:
+    """``["epochs=3", "dp=true"]`` -> ``{"epochs": 3, "dp": True}`` (values parsed as YAML)."""
+    import yaml
+
+    out: Dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DpskinError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import RunConfig
+    from .train import run
+
+    base = RunConfig.from_file(args.config).to_dict() if args.config else {}
+    cfg = RunConfig.from_dict({**base, **parse_overrides(args.set)})
+    res = run(cfg, runs_root=args.runs)
+    print(f"run {res.run_id} ({'reused' if res.reused else 'trained'}): {res.run_dir}")
+    for k in ("balanced_accuracy", "accuracy", "auc_macro", "ece"):
+        if k in res.final_metrics:
+            print(f"  {cfg.eval_split} {k}: {res.final_metrics[k]:.4f}")
+    if res.epsilon is not None:
+        print(f"  eps = {res.epsilon:.3f} at delta = {cfg.delta:g} ({cfg.accountant} accountant, "
+              f"noise multiplier {res.noise_multiplier:.4f})")
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from .results import load_runs
+
+    df = load_runs(args.runs)
+    if df.empty:
+        print("no complete runs")
+        return 0
+    cols = [c for c in ("run", "name", "method", "backbone", "dataset", "target_epsilon", "epsilon",
+                        "seed", "balanced_accuracy", "wall_time_s") if c in df]
+    print(df[cols].to_string(index=False))
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import generate
+
+    size = tuple(int(v) for v in args.size.split("x")) if "x" in args.size else int(args.size)
+    out = generate(Path(args.out), n=args.n, size=size, seed=args.seed)
+    print(f"wrote {args.n} synthetic images in the ISIC 2018 Task 3 layout to {out}")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from .download import download
+
+    out = download(args.name, Path(args.dest), base_url=args.base_url)
+    print(f"{args.name} is ready in {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpskin", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train and evaluate one configuration")
+    t.add_argument("--config", help="JSON or YAML file of RunConfig keys")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set dp=true --set target_epsilon=8")
+    t.add_argument("--runs", default=None, help="runs folder (default $DPSKIN_RUNS or ./runs)")
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("runs", help="list complete runs")
+    r.add_argument("--runs", default=None)
+    r.set_defaults(func=_cmd_runs)
+
+    d = sub.add_parser("data", help="dataset utilities")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write the synthetic lesion dataset in the official layout")
+    s.add_argument("--n", type=int, default=1200, help="number of images")
+    s.add_argument("--size", default="64", help="side in px, or WxH such as 200x150")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_synth)
+
+    dl = sub.add_parser("download", help="fetch official files, verify checksums, unpack")
+    dl.add_argument("name", choices=["isic2018", "dermamnist"])
+    dl.add_argument("--dest", required=True, help="folder to download into")
+    dl.add_argument("--base-url", default=None, help="mirror replacing the official host")
+    dl.set_defaults(func=_cmd_download)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DpskinError as e:  # user errors: one clear line, no traceback
+        print(f"dpskin: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Training: records, DP guarantees (eps vs dp-accounting PLD), clipping, Poisson batches, resume."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dpskin_core import privacy, results
+from dpskin_core.config import RunConfig
+from dpskin_core.constants import CLASSES
+from dpskin_core.data import DataBundle
+from dpskin_core.errors import ConfigError
+from dpskin_core.train import pick_device, run, setup_training
+
+
+def random_bundle(n_train=240, n_val=70, n_test=70, size=16, seed=0) -> DataBundle:
+    """Learnable toy data: the class sets the mean colour of the image."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        y = np.arange(n) % len(CLASSES)
+        base = (y[:, None] * 30 + 40).astype(np.float64)
+        x = base[:, None, None, :].repeat(size, 1).repeat(size, 2) + rng.normal(0, 25, (n, size, size, 3))
+        return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+    (xt, yt), (xv, yv), (xs, ys) = make(n_train), make(n_val), make(n_test)
+    meta = pd.DataFrame({
+        "image": [f"img{i}" for i in range(n_train + n_val + n_test)],
+        "label": np.concatenate([yt, yv, ys]),
+        "lesion_id": [f"l{i}" for i in range(n_train + n_val + n_test)],
+        "split": ["train"] * n_train + ["val"] * n_val + ["test"] * n_test,
+    })
+    return DataBundle(xt, yt, xv, yv, xs, ys, meta, info={"dataset": "toy"})
+
+
+BASE = dict(image_size=16, epochs=2, batch_size=32, lr=0.05, progress=False, num_threads=1)
+
+
+def test_nonprivate_run_writes_record_and_is_reused(tmp_path):
+    data = random_bundle()
+    res = run(RunConfig(**BASE, name="np"), tmp_path, data=data)
+    d = res.run_dir
+    for f in ("config.json", "meta.json", "metrics.csv", "predictions.csv", "checkpoints/last.pt"):
+        assert (d / f).is_file(), f
+    m = pd.read_csv(d / "metrics.csv")
+    assert list(m.columns) == results.METRIC_COLUMNS
+    assert set(m["split"]) == {"train", "val", "test"}
+    meta = results.read_json(d / "meta.json")
+    assert meta["status"] == "complete" and meta["train_images_per_s"] > 0
+    assert meta["peak_memory_mb"] > 0 and "torch" in meta["packages"]
+    assert res.epsilon is None
+    assert 0 <= res.final_metrics["balanced_accuracy"] <= 1
+    pred = pd.read_csv(d / "predictions.csv")
+    assert len(pred) == 70 and np.allclose(pred.filter(like="prob_").sum(axis=1), 1, atol=1e-4)
+    again = run(RunConfig(**BASE, name="np"), tmp_path, data=data)
+    assert again.reused and again.run_id == res.run_id
+    assert again.final_metrics == pytest.approx(res.final_metrics, nan_ok=True)
+    runs = results.load_runs(tmp_path)
+    assert len(runs) == 1 and runs.loc[0, "method"] == "nonprivate-sgd"
+
+
+def test_nonprivate_learns_toy_data(tmp_path):
+    res = run(RunConfig(**{**BASE, "epochs": 4, "lr": 3e-3}, optimizer="adam"), tmp_path,
+              data=random_bundle())
+    assert res.final_metrics["balanced_accuracy"] > 0.5  # chance is 1/7
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_dp_run_meets_target_and_matches_pld(tmp_path, accountant):
+    cfg = RunConfig(**BASE, dp=True, target_epsilon=4.0, delta=1e-4, accountant=accountant)
+    res = run(cfg, tmp_path, data=random_bundle())
+    q = privacy.sample_rate_for(32, 240)
+    steps = privacy.steps_per_epoch(32, 240) * 2
+    meta = res.meta
+    assert meta["sample_rate"] == pytest.approx(q) and meta["steps"] == steps
+    assert res.epsilon <= 4.0
+    pld = privacy.epsilon([(res.noise_multiplier, q, steps)], 1e-4, "pld")
+    assert res.epsilon >= pld * (1 - 1e-3)  # never below the reference (up to PLD's own grid)
+    if accountant == "prv":
+        assert res.epsilon <= pld * 1.10
+    m = res.metrics
+    assert (m["eps"].dropna() <= 4.0).all() and (m["noise_multiplier"] == res.noise_multiplier).all()
+
+
+def test_clipped_per_sample_gradients_are_bounded():
+    """Instrument one step: the clipped contribution of each sample has norm <= C."""
+    C = 0.1  # small, so that raw gradients are certainly clipped
+    cfg = RunConfig(**BASE, dp=True, target_epsilon=8.0, delta=1e-4, max_grad_norm=C)
+    data = random_bundle()
+    s = setup_training(cfg, data, torch.device("cpu"))
+    x = torch.from_numpy(data.x_train[:6]).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(data.y_train[:6])
+    norms, raw = [], []
+    for i in range(6):  # one sample per batch: summed_grad is exactly its clipped gradient
+        s.optimizer.zero_grad(set_to_none=True)
+        s.criterion(s.model(x[i:i + 1]), y[i:i + 1]).backward()
+        raw.append(torch.sqrt(sum((p.grad_sample ** 2).sum() for p in s.model.parameters()
+                                  if p.requires_grad)).item())
+        s.optimizer.clip_and_accumulate()
+        norms.append(torch.sqrt(sum((p.summed_grad ** 2).sum() for p in s.model.parameters()
+                                    if p.requires_grad)).item())
+        for p in s.model.parameters():
+            p.summed_grad = None
+    assert max(norms) <= C * (1 + 1e-5)
+    assert min(raw) > C  # the bound was active, so the test can fail
+    assert np.allclose(norms, C, rtol=1e-3)
+
+
+def test_poisson_batch_sizes_vary():
+    cfg = RunConfig(**BASE, dp=True, target_epsilon=8.0, delta=1e-4)
+    s = setup_training(cfg, random_bundle(), torch.device("cpu"))
+    s.g_sample.manual_seed(0)
+    sizes = [len(idx) for (idx,) in s.loader]
+    assert len(sizes) == privacy.steps_per_epoch(32, 240)
+    assert len(set(sizes)) > 1
+    assert abs(np.mean(sizes) - 240 * s.sample_rate) < 12
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_resume_matches_uninterrupted(tmp_path, dp):
+    kw = dict(BASE, epochs=3, dp=dp, target_epsilon=4.0 if dp else None, delta=1e-4, optimizer="adam",
+              lr_schedule="cosine")
+    kw["lr"] = 1e-3
+    data = random_bundle()
+    full = run(RunConfig(**kw), tmp_path / "a", data=data)
+    part = run(RunConfig(**kw), tmp_path / "b", data=data, stop_after_epoch=1)
+    assert part.meta["status"] == "stopped"
+    resumed = run(RunConfig(**kw), tmp_path / "b", data=data)
+    assert resumed.meta["resumed_at_epochs"] == [1]
+    assert resumed.epsilon == full.epsilon
+    wa = results.load_checkpoint(full.run_dir / "checkpoints/last.pt")["model"]
+    wb = results.load_checkpoint(resumed.run_dir / "checkpoints/last.pt")["model"]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert resumed.final_metrics == pytest.approx(full.final_metrics, nan_ok=True, rel=0, abs=0)
+
+
+def test_interrupt_keeps_last_checkpoint(tmp_path, monkeypatch):
+    import dpskin_core.train as train_mod
+
+    data = random_bundle()
+    cfg = RunConfig(**dict(BASE, epochs=3))
+    calls = {"n": 0}
+    real = train_mod.augment
+    steps = privacy.steps_per_epoch(32, 240)
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == steps + 3:  # in the middle of epoch 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "augment", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path, data=data)
+    d = results.run_dir_for(cfg, tmp_path)
+    assert results.read_json(d / "meta.json")["status"] == "interrupted"
+    assert results.load_checkpoint(d / "checkpoints/last.pt")["epoch"] == 1
+    monkeypatch.setattr(train_mod, "augment", real)
+    res = run(cfg, tmp_path, data=data)
+    assert res.meta["status"] == "complete" and res.meta["resumed_at_epochs"] == [1]
+
+
+def test_bad_inputs_fail_before_training(tmp_path):
+    data = random_bundle()
+    with pytest.raises(ConfigError, match="batch_size"):
+        run(RunConfig(**dict(BASE, batch_size=1000)), tmp_path, data=data)
+    with pytest.raises(ConfigError, match="1/N"):
+        run(RunConfig(**BASE, dp=True, target_epsilon=3.0, delta=0.01), tmp_path, data=data)
+    assert not any(tmp_path.iterdir())  # nothing was written: no training started
+
+
+def test_early_stopping_and_notes(tmp_path):
+    cfg = RunConfig(**dict(BASE, epochs=6, lr=1e-4), dp=True, target_epsilon=2.0, delta=1e-4,
+                    early_stopping_patience=1)
+    res = run(cfg, tmp_path, data=random_bundle())
+    assert any("not counted in eps" in n for n in res.meta["notes"])
+    assert res.meta["eval_epoch"] <= res.meta.get("early_stopped_at_epoch", 6)
+
+
+def test_pick_device():
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu").type == "cpu"
