@@ -24,7 +24,13 @@ def parse_overrides(items: List[str]) -> Dict[str, object]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise DpskinError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
     return out
 
 

@@ -1,0 +1,192 @@
+"""Tests of dpskin_core.models: every backbone builds without BatchNorm, passes Opacus'
+validator, classifies 32 px images and takes one DP-SGD step; local pretrained weights."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from opacus import PrivacyEngine
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpskin_core.errors import ConfigError, UnknownNameError
+from dpskin_core.models import (
+    BACKBONES, SmallCNN, build_backbone, count_parameters, gn_groups, has_batchnorm,
+    load_pretrained,
+)
+
+TORCHVISION = ["densenet121", "efficientnet_b0", "mobilenet_v3_large", "mobilenet_v3_small",
+               "resnet18", "resnet50", "vgg11", "vgg16"]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: batches of 2 gain nothing from parallelism, and two OpenMP
+    threads that spin-wait on a CPU shared with another job made these steps ~50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_registry_lists_the_expected_backbones():
+    assert set(TORCHVISION) | {"smallcnn"} <= set(BACKBONES.names())
+
+
+# the inputs need no gradient, so Opacus' full backward hooks warn that they fire on outputs
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_backbone_builds_validates_and_takes_a_dp_step(name, one_thread):
+    torch.manual_seed(0)
+    model = build_backbone(name, num_classes=7)
+    assert not has_batchnorm(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert count_parameters(model) > 0
+
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(3, 3, 32, 32)).shape == (3, 7)
+    model.train()
+
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    data = TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # secure_mode=False warning
+        private, optimizer, loader = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=DataLoader(data, batch_size=2),
+            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(private(x), y).backward()
+    # every trainable tensor got a per-sample gradient (nothing silently left out of clipping)
+    for k, p in private.named_parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape[0] == 2, k
+    optimizer.step()
+    unchanged = [k for k, p in model.named_parameters() if torch.equal(p, before[k])]
+    assert unchanged == []
+
+
+@pytest.mark.parametrize("name", ["smallcnn", "resnet18"])
+def test_forward_at_224px(name):
+    model = build_backbone(name).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 224, 224)).shape == (2, 7)
+
+
+def test_smallcnn_options():
+    assert isinstance(build_backbone("smallcnn"), SmallCNN)
+    relu = build_backbone("smallcnn", activation="relu")
+    assert any(isinstance(m, nn.ReLU) for m in relu.modules())
+    assert not any(isinstance(m, nn.Tanh) for m in relu.modules())
+    tanh = build_backbone("smallcnn")  # DP default: tanh
+    assert any(isinstance(m, nn.Tanh) for m in tanh.modules())
+    wide = build_backbone("smallcnn", widths=(16, 32), convs_per_stage=1, num_classes=3)
+    with torch.no_grad():
+        assert wide.eval()(torch.randn(1, 3, 16, 16)).shape == (1, 3)
+    with pytest.raises(ConfigError, match="activation"):
+        build_backbone("smallcnn", activation="sigmoidish")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v3_small",
+                                  "efficientnet_b0", "densenet121"])
+def test_out_of_place_forwards_match_torchvision(name, one_thread):
+    import copy
+
+    torch.manual_seed(0)
+    model = build_backbone(name).eval()
+    original = copy.deepcopy(model)
+    swapped = 0
+    for m in original.modules():
+        if type(m).__name__.endswith("OutOfPlace"):
+            m.__class__ = type(m).__bases__[0]  # back to torchvision's own forward
+            swapped += 1
+    assert swapped > 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
+
+
+def test_torchvision_without_dp_keeps_batchnorm():
+    assert has_batchnorm(build_backbone("resnet18", dp_compatible=False))
+
+
+@pytest.mark.parametrize("channels, groups", [(64, 32), (16, 8), (24, 12), (40, 20), (3, 1),
+                                              (960, 32), (88, 22)])
+def test_gn_groups_divide_channels(channels, groups):
+    assert gn_groups(channels) == groups and channels % groups == 0
+
+
+def test_unknown_backbone():
+    with pytest.raises(UnknownNameError, match="resnet18"):  # lists the known names
+        build_backbone("resnet19")
+    with pytest.raises(ConfigError, match="num_classes"):
+        build_backbone("smallcnn", num_classes=1)
+
+
+# ---------------------------------------------------------------- pretrained weights
+def _equal_except(a: nn.Module, b: nn.Module, skip_prefix: str = "\0"):
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa if not k.startswith(skip_prefix))
+
+
+def test_pretrained_state_dict_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    src = build_backbone("resnet18")
+    path = tmp_path / "w.pt"
+    torch.save(src.state_dict(), path)
+    torch.manual_seed(1)
+    fresh = build_backbone("resnet18")
+    assert not _equal_except(src, fresh)
+    dst = build_backbone("resnet18", pretrained_path=str(path))
+    assert _equal_except(src, dst)
+    rep = dst.pretrained_report
+    assert rep.skipped_shape == [] and rep.unexpected == [] and rep.missing == []
+    assert len(rep.loaded) == len(src.state_dict())
+
+
+def test_pretrained_other_head_and_checkpoint_dict(tmp_path):
+    torch.manual_seed(0)
+    src = build_backbone("smallcnn", num_classes=10)
+    path = tmp_path / "ckpt.pth"
+    # a training checkpoint as Opacus leaves it: wrapped module prefix, extra entries
+    sd = {f"_module.{k}": v for k, v in src.state_dict().items()}
+    torch.save({"model": sd, "epoch": 3, "config": {"lr": 0.1}}, path)
+    torch.manual_seed(1)
+    dst = build_backbone("smallcnn", num_classes=7, pretrained_path=str(path))
+    assert _equal_except(src, dst, skip_prefix="classifier.")
+    assert sorted(dst.pretrained_report.skipped_shape) == ["classifier.bias", "classifier.weight"]
+    assert not torch.equal(dst.classifier.bias, src.classifier.bias[:7])
+    assert dst(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_pretrained_batchnorm_weights_into_groupnorm(tmp_path):
+    # a BatchNorm checkpoint (e.g. torchvision's): affine weights load, running stats are skipped
+    torch.manual_seed(0)
+    src = build_backbone("resnet18", dp_compatible=False)
+    with torch.no_grad():
+        src.bn1.weight.fill_(0.5)
+    path = tmp_path / "bn.pt"
+    torch.save({"state_dict": src.state_dict()}, path)
+    dst = build_backbone("resnet18", pretrained_path=str(path))
+    assert not has_batchnorm(dst)
+    assert torch.equal(dst.bn1.weight, src.bn1.weight)
+    assert torch.equal(dst.conv1.weight, src.conv1.weight)
+    assert "bn1.running_mean" in dst.pretrained_report.unexpected
+
+
+def test_pretrained_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        build_backbone("smallcnn", pretrained_path=str(tmp_path / "missing.pt"))
+    torch.save(build_backbone("smallcnn").state_dict(), tmp_path / "small.pt")
+    with pytest.raises(ConfigError, match="no tensor matches"):
+        build_backbone("resnet18", pretrained_path=str(tmp_path / "small.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="junk.pt"):
+        load_pretrained(build_backbone("smallcnn"), tmp_path / "junk.pt")
+    torch.save({"epoch": 3}, tmp_path / "nosd.pt")
+    with pytest.raises(ConfigError, match="no state_dict"):
+        load_pretrained(build_backbone("smallcnn"), tmp_path / "nosd.pt")
