@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import numpy as np
+
 import torch
 
 from .constants import NORMALISATIONS
@@ -66,3 +68,55 @@ def augment(
         x = ((x - mean) * c + mean) * b
         x = x.clamp_(0, 1)
     return x
+
+
+class Inputs:
+    """The run's input pipeline: stored arrays -> model inputs, for training and evaluation.
+
+    ``features="pixels"``: uint8 images, augmented then normalised with fixed constants.
+    ``features="scatter"``: precomputed scattering coefficients (technique.scatter_features),
+    augmented by dihedral views in feature space. With ``aug_mult=K`` each image yields K
+    views, laid out image-major (B*K rows).
+    """
+
+    def __init__(self, cfg, data, device: torch.device) -> None:
+        self.cfg, self.device, self.k = cfg, device, cfg.aug_mult
+        if cfg.features == "scatter":
+            from .imagecache import cache_root
+            from .technique import scatter_features
+
+            cache = cache_root(cfg.cache_dir)
+            conv = lambda x: torch.from_numpy(scatter_features(x, cache, progress=cfg.progress))  # noqa: E731
+        elif cfg.features == "colour":
+            from .technique import colour_features
+
+            conv = lambda x: torch.from_numpy(colour_features(x))  # noqa: E731
+        else:
+            conv = lambda x: torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+        self.train_x = conv(data.x_train)
+        self.val_x = conv(data.x_val)
+        self.eval_x = self.val_x if cfg.eval_split == "val" else conv(data.x_test)
+        self.norm = normaliser(cfg.normalisation, device)
+
+    def train(self, xb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augmented training inputs for a batch of stored rows: (B*K, ...)."""
+        xb = xb.to(self.device, non_blocking=True)
+        if self.cfg.features == "colour":  # histograms are invariant to flips and rotations
+            return xb.repeat_interleave(self.k, dim=0)
+        if self.cfg.features == "scatter":
+            if not (self.cfg.augment_flips or self.cfg.augment_rot90):
+                return xb.repeat_interleave(self.k, dim=0)
+            from .technique import feature_dihedral_views
+
+            return feature_dihedral_views(xb, self.k, generator)
+        x = xb.float().div_(255.0).repeat_interleave(self.k, dim=0)
+        x = augment(x, generator, flips=self.cfg.augment_flips, rot90=self.cfg.augment_rot90,
+                    color=self.cfg.augment_color)
+        return (x - self.norm[0]) / self.norm[1]
+
+    def eval(self, xb: torch.Tensor) -> torch.Tensor:
+        """Un-augmented inputs for evaluation."""
+        xb = xb.to(self.device)
+        if self.cfg.features != "pixels":
+            return xb
+        return to_float(xb, *self.norm)

@@ -22,6 +22,9 @@ ACCOUNTANT_NAMES = ("prv", "rdp")
 LR_SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")
 EVAL_SPLITS = ("val", "test")
+#: front end -> heads that take it (None: any image backbone); see technique.py
+FEATURE_HEADS = {"pixels": None, "scatter": ("scatter_linear", "scatter_cnn"),
+                 "colour": ("colour_linear",)}
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,13 @@ class RunConfig:
     class_weights: str = "none"             # none | balanced (non-private only: uses counts)
     early_stopping_patience: Optional[int] = None  # epochs without val improvement
     eval_split: str = "test"                # split whose predictions are the run's result
+    # --- the proposed technique (dpskin_core.technique); all off by default ------------
+    features: str = "pixels"                # pixels | colour | scatter (data-independent front ends)
+    logit_adjust: bool = False              # logit-adjusted loss with a (noisy under dp) class prior
+    la_tau: float = 1.0                     # logit-adjustment strength tau
+    hist_noise: float = 20.0                # std (in images) of the Gaussian noise on the histogram
+    ema_decay: Optional[float] = None       # EMA of weights, e.g. 0.99 (per optimizer step)
+    aug_mult: int = 1                       # augmentation multiplicity K (views averaged pre-clip)
     # --- privacy ----------------------------------------------------------------------
     dp: bool = False                        # DP-SGD / DP-Adam through Opacus when True
     target_epsilon: Optional[float] = None  # required when dp
@@ -112,9 +122,18 @@ class RunConfig:
         return {k: v for k, v in self.to_dict().items() if k not in NON_SEMANTIC_FIELDS}
 
     @property
+    def uses_technique(self) -> bool:
+        """True when any lever of the proposed technique is on."""
+        return (self.features != "pixels" or self.logit_adjust or self.ema_decay is not None
+                or self.aug_mult > 1)
+
+    @property
     def method(self) -> str:
-        """Short method label: nonprivate-sgd, dp-sgd, nonprivate-adam, dp-adam."""
-        return f"{'dp' if self.dp else 'nonprivate'}-{self.optimizer}"
+        """Short label: nonprivate-sgd, dp-sgd, nonprivate-adam, dp-adam, or proposed-*."""
+        prefix = "dp" if self.dp else "nonprivate"
+        if self.uses_technique:
+            prefix = "proposed" if self.dp else "nonprivate-proposed"
+        return f"{prefix}-{self.optimizer}"
 
 
 def _choice(cfg: RunConfig, field: str, allowed: tuple) -> None:
@@ -140,6 +159,21 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg, "split", ("lesion", "official"))
     if not (0 < cfg.val_frac < 1 and 0 < cfg.test_frac < 1 and cfg.val_frac + cfg.test_frac < 1):
         raise ConfigError(f"val_frac={cfg.val_frac}, test_frac={cfg.test_frac}: need 0 < each, sum < 1")
+    _choice(cfg, "features", FEATURE_HEADS)
+    heads = FEATURE_HEADS[cfg.features]
+    feature_head = any(cfg.backbone in h for h in FEATURE_HEADS.values() if h)
+    if (heads is None and feature_head) or (heads is not None and cfg.backbone not in heads):
+        raise ConfigError(f"backbone={cfg.backbone!r} does not take features={cfg.features!r}; "
+                          + ("image backbones take features='pixels'" if heads is None else
+                             f"use one of {', '.join(heads)}"))
+    if cfg.features == "scatter" and cfg.image_size % 4:
+        raise ConfigError(f"image_size={cfg.image_size}: features='scatter' needs a multiple of 4")
+    if not isinstance(cfg.aug_mult, int) or cfg.aug_mult < 1:
+        raise ConfigError(f"aug_mult must be an integer >= 1, got {cfg.aug_mult!r}")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise ConfigError(f"ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
+    if cfg.logit_adjust and not cfg.hist_noise > 0:
+        raise ConfigError(f"hist_noise must be > 0, got {cfg.hist_noise!r}")
     if cfg.max_physical_batch_size is not None and cfg.max_physical_batch_size <= 0:
         raise ConfigError("max_physical_batch_size must be > 0")
     if cfg.dp:

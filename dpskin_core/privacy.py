@@ -102,19 +102,25 @@ def noise_multiplier_for(
     steps: int,
     accountant: str = "prv",
     tolerance: float = 0.01,
+    prefix: Tuple[Tuple[float, float, int], ...] = (),
 ) -> float:
     """Smallest sigma (to within ``tolerance`` in eps) with eps(sigma) <= target_epsilon.
 
     Bisection on sigma: eps is decreasing in sigma. The result always satisfies the
     target (we return the upper end of the bracket), so the reported eps is <= target.
+    ``prefix`` holds releases made before training (e.g. a noisy class histogram, as
+    ``(sigma_h, 1.0, 1)``): they are composed with the training steps, so the total is
+    what meets the target.
     """
     check_epsilon_delta(target_epsilon, delta)
     if not 0 < sample_rate <= 1 or steps <= 0:
         raise ConfigError(f"need 0 < sample_rate <= 1 and steps > 0, got {sample_rate}, {steps}")
 
     def eps_of(sigma: float) -> float:
-        return epsilon([(sigma, sample_rate, steps)], delta, accountant)
+        return epsilon([*prefix, (sigma, sample_rate, steps)], delta, accountant)
 
+    if prefix and epsilon(list(prefix), delta, accountant) >= target_epsilon:
+        raise ConfigError(f"the releases before training already spend eps >= {target_epsilon}")
     lo, hi = 0.0, 1.0
     while eps_of(hi) > target_epsilon:
         lo, hi = hi, hi * 2

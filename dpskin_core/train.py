@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from . import privacy, results
-from .augment import augment, normaliser, to_float
+from . import technique  # noqa: F401  (registers the scatter_* heads in BACKBONES)
+from .augment import Inputs
 from .config import RunConfig
 from .constants import CLASSES
 from .data import DataBundle, DataSpec, load_data
@@ -99,18 +100,13 @@ def check_against_data(cfg: RunConfig, data: DataBundle) -> None:
             raise ConfigError(f"the {split} split is empty; change val_frac/test_frac")
 
 
-def _to_chw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
-
-
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: torch.Tensor, norm, device, batch: int = 512) -> np.ndarray:
-    """Softmax probabilities (N, C) of uint8 CHW images ``x``."""
+def predict_proba(model: nn.Module, x: torch.Tensor, inputs: Inputs, batch: int = 512) -> np.ndarray:
+    """Softmax probabilities (N, C) of stored rows ``x`` (images or features)."""
     model.eval()
     out = []
     for i in range(0, len(x), batch):
-        xb = to_float(x[i:i + batch].to(device), *norm)
-        out.append(torch.softmax(model(xb).float(), dim=1).cpu())
+        out.append(torch.softmax(model(inputs.eval(x[i:i + batch])).float(), dim=1).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)))
 
 
@@ -145,6 +141,10 @@ class TrainingSetup:
     g_sample: torch.Generator     # batch sampling (Poisson under DP, shuffling otherwise)
     g_noise: torch.Generator      # DP noise
     g_aug: torch.Generator        # augmentations
+    eval_model: nn.Module         # plain copy of the architecture, loaded with the weights to evaluate
+    ema: Any = None               # technique.EMA or None
+    prefix_history: tuple = ()    # releases before training, composed in the accountant
+    released: Dict[str, Any] = field(default_factory=dict)  # what was released, for the record
 
 
 def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device) -> TrainingSetup:
@@ -158,10 +158,21 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device) -> Tr
     torch.manual_seed(_seed(cfg.seed, "init"))
     model = build_backbone(cfg.backbone, num_classes=len(CLASSES),
                            pretrained_path=cfg.pretrained_path).to(device)
-    if cfg.class_weights == "balanced":  # non-private only (config refuses it under dp)
-        counts = np.bincount(data.y_train, minlength=len(CLASSES)).astype(float)
+    eval_model = build_backbone(cfg.backbone, num_classes=len(CLASSES)).to(device)
+    prefix, released = (), {}
+    counts = np.bincount(data.y_train, minlength=len(CLASSES)).astype(float)
+    if cfg.logit_adjust:
+        from .technique import LogitAdjustedLoss, log_prior, noisy_class_histogram
+
+        if cfg.dp:  # the prior is a Gaussian-mechanism release, composed below
+            counts = noisy_class_histogram(data.y_train, cfg.hist_noise,
+                                           torch.Generator().manual_seed(_seed(cfg.seed, "histogram")))
+            prefix = ((float(cfg.hist_noise), 1.0, 1),)
+            released = {"class_histogram": counts.round(2).tolist(), "hist_noise": cfg.hist_noise}
+        criterion: nn.Module = LogitAdjustedLoss(log_prior(counts), cfg.la_tau).to(device)
+    elif cfg.class_weights == "balanced":  # non-private only (config refuses it under dp)
         w = torch.tensor(counts.sum() / (len(CLASSES) * np.maximum(counts, 1)), dtype=torch.float32)
-        criterion: nn.Module = nn.CrossEntropyLoss(weight=w.to(device))
+        criterion = nn.CrossEntropyLoss(weight=w.to(device))
     else:
         criterion = nn.CrossEntropyLoss()
     optimizer = OPTIMIZERS.get(cfg.optimizer)(model.parameters(), cfg)
@@ -176,7 +187,7 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device) -> Tr
 
         q = privacy.sample_rate_for(cfg.batch_size, n_train)
         sigma = privacy.noise_multiplier_for(cfg.target_epsilon, cfg.delta, q, total_steps,
-                                             cfg.accountant)
+                                             cfg.accountant, prefix=prefix)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus warns about secure_mode=False (research use)
             engine = PrivacyEngine(accountant=cfg.accountant)
@@ -184,13 +195,19 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device) -> Tr
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
                 max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, noise_generator=g_noise)
         loader.batch_sampler.generator = g_sample  # the Poisson sampler draws from our stream
+        engine.accountant.history = list(prefix)   # e.g. the histogram release, before any step
         assert abs(loader.sample_rate - q) < 1e-12, "accountant and sampler disagree on q"
     schedule = (lambda s: 1.0) if cfg.lr_schedule == "constant" else (
         lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         getattr(optimizer, "original_optimizer", optimizer), schedule)
+    ema = None
+    if cfg.ema_decay is not None:
+        from .technique import EMA
+
+        ema = EMA(getattr(model, "_module", model), cfg.ema_decay)
     return TrainingSetup(model, optimizer, loader, scheduler, criterion, engine, sigma, q,
-                         steps_per_epoch, g_sample, g_noise, g_aug)
+                         steps_per_epoch, g_sample, g_noise, g_aug, eval_model, ema, prefix, released)
 
 
 
@@ -226,10 +243,14 @@ def run(
     scheduler, criterion, sigma, q = setup.scheduler, setup.criterion, setup.noise_multiplier, setup.sample_rate
     g_sample, g_noise, g_aug = setup.g_sample, setup.g_noise, setup.g_aug
     steps_per_epoch, n_train = setup.steps_per_epoch, len(data.y_train)
-    x_tr, y_tr = _to_chw(data.x_train), torch.from_numpy(data.y_train.astype(np.int64))
-    x_val, x_ev = _to_chw(data.x_val), _to_chw(getattr(data, f"x_{cfg.eval_split}"))
+    inputs = Inputs(cfg, data, device)
+    x_tr, y_tr = inputs.train_x, torch.from_numpy(data.y_train.astype(np.int64))
+    x_val, x_ev = inputs.val_x, inputs.eval_x
     y_ev = getattr(data, f"y_{cfg.eval_split}")
-    norm = normaliser(cfg.normalisation, device)
+    ema, eval_model, k = setup.ema, setup.eval_model, cfg.aug_mult
+
+    def eval_state() -> Dict[str, torch.Tensor]:
+        return ema.shadow if ema is not None else _state_dict(model)
 
     # ---- resume -------------------------------------------------------------------------
     ckpt_dir = run_dir / "checkpoints"
@@ -243,6 +264,8 @@ def run(
         scheduler.load_state_dict(ck["scheduler"])
         if engine is not None:
             engine.accountant.load_state_dict(ck["accountant"])
+        if ema is not None:
+            ema.shadow = ck["ema"]
         rows, best, start_epoch = ck["rows"], ck["best"], ck["epoch"] + 1
         meta = results.read_json(meta_path) if meta_path.is_file() else {}
         meta.setdefault("resumed_at_epochs", []).append(ck["epoch"])
@@ -255,7 +278,8 @@ def run(
         "data_info": data.info, "steps_per_epoch": steps_per_epoch,
         "noise_multiplier": sigma, "sample_rate": q, "delta": cfg.delta if cfg.dp else None,
         "accountant": cfg.accountant if cfg.dp else None, "max_grad_norm": cfg.max_grad_norm,
-        "notes": _notes(cfg),
+        "notes": _notes(cfg), "released_before_training": setup.released,
+        "prefix_history": privacy.history_summary(setup.prefix_history),
     })
     results.write_json(run_dir / "config.json", cfg.to_dict())
     results.write_json(meta_path, meta)
@@ -293,22 +317,25 @@ def run(
                        disable=not cfg.progress, leave=False)
             last_eps = rows[-1]["eps"] if rows else (0.0 if engine else None)
             for (idx,) in bar:
-                xb = x_tr[idx].to(device, non_blocking=True)
-                yb = y_tr[idx].to(device, non_blocking=True)
-                xb = augment(xb.float().div_(255.0), g_aug, flips=cfg.augment_flips,
-                             rot90=cfg.augment_rot90, color=cfg.augment_color)
-                xb = (xb - norm[0]) / norm[1]
+                xb = inputs.train(x_tr[idx], g_aug)  # (B*K, ...) augmented views
+                yb = y_tr[idx].to(device, non_blocking=True).repeat_interleave(k)
                 optimizer.zero_grad(set_to_none=True)
                 if len(idx) > 0:
                     out = model(xb)
                     loss = criterion(out, yb)
                     loss.backward()
+                    if engine is not None and k > 1:
+                        from .technique import average_grad_samples
+
+                        average_grad_samples(model, k)  # one clipped gradient per image
                     loss_sum += loss.item() * len(idx)
-                    correct += int((out.argmax(1) == yb).sum())
+                    correct += int((out.argmax(1) == yb).sum()) / k
                     seen += len(idx)
                 optimizer.step()
                 if not getattr(optimizer, "_is_last_step_skipped", False):
                     scheduler.step()  # once per logical batch
+                    if ema is not None:
+                        ema.update(getattr(model, "_module", model))
                 bar.set_postfix(loss=loss_sum / max(seen, 1), acc=correct / max(seen, 1),
                                 eps=last_eps)
             train_time += time.perf_counter() - t0
@@ -316,13 +343,14 @@ def run(
             eps = eps_now()
             log(epoch, "train", {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
                                  "lr": scheduler.get_last_lr()[0]}, eps)
-            probs = predict_proba(model, x_val, norm, device)
+            eval_model.load_state_dict(eval_state())
+            probs = predict_proba(eval_model, x_val, inputs)
             val_metrics = evaluate(data.y_val, probs)
             log(epoch, "val", val_metrics, eps)
             score = val_metrics["balanced_accuracy"]
             if score > best["score"]:
                 best = {"score": score, "epoch": epoch, "since": 0}
-                results.save_checkpoint(ckpt_dir / "best.pt", {"model": _state_dict(model), "epoch": epoch})
+                results.save_checkpoint(ckpt_dir / "best.pt", {"model": eval_state(), "epoch": epoch})
             else:
                 best["since"] += 1
             if cfg.progress:
@@ -334,6 +362,7 @@ def run(
                 "optimizer": getattr(optimizer, "original_optimizer", optimizer).state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "accountant": engine.accountant.state_dict() if engine else None,
+                "ema": ema.shadow if ema is not None else None,
                 "rng": {"torch": torch.get_rng_state(), "sample": g_sample.get_state(),
                         "noise": g_noise.get_state(), "augment": g_aug.get_state(),
                         "numpy": np.random.get_state(), "python": random.getstate()},
@@ -349,15 +378,16 @@ def run(
 
     # ---- final evaluation -----------------------------------------------------------------
     if cfg.early_stopping_patience is not None and (ckpt_dir / "best.pt").is_file():
-        _load_state(model, results.load_checkpoint(ckpt_dir / "best.pt")["model"])
+        eval_model.load_state_dict(results.load_checkpoint(ckpt_dir / "best.pt")["model"])
         eval_epoch = best["epoch"]
     else:
+        eval_model.load_state_dict(eval_state())
         eval_epoch = epoch
     eps = eps_now()
     # optimizer steps taken; under DP read from the accountant, which survives resumes
     steps_taken = (int(sum(h[2] for h in engine.accountant.history)) if engine is not None
                    else epoch * steps_per_epoch)
-    probs = predict_proba(model, x_ev, norm, device)
+    probs = predict_proba(eval_model, x_ev, inputs)
     final = evaluate(y_ev, probs)
     log(eval_epoch, cfg.eval_split, final, eps)
     split_meta = data.meta[data.meta["split"] == cfg.eval_split].reset_index(drop=True)
@@ -401,6 +431,12 @@ def _notes(cfg: RunConfig) -> List[str]:
         notes.append("Model selection on the validation split (early stopping, best epoch) is not "
                      "counted in eps." if cfg.early_stopping_patience is not None else
                      "The final model is the last iterate; no validation-based choice is made.")
+        if cfg.logit_adjust:
+            notes.append(
+                f"The class prior of the logit-adjusted loss is a class histogram released once "
+                f"with the Gaussian mechanism (L2 sensitivity 1, noise std {cfg.hist_noise}); eps "
+                "is the accountant's composition of that release (as one step with q = 1) and "
+                "the DP training steps.")
     else:
         notes.append("Non-private: no privacy guarantee.")
     return notes

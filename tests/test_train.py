@@ -135,12 +135,12 @@ def test_resume_matches_uninterrupted(tmp_path, dp):
 
 
 def test_interrupt_keeps_last_checkpoint(tmp_path, monkeypatch):
-    import dpskin_core.train as train_mod
+    from dpskin_core.augment import Inputs
 
     data = random_bundle()
     cfg = RunConfig(**dict(BASE, epochs=3))
     calls = {"n": 0}
-    real = train_mod.augment
+    real = Inputs.train
     steps = privacy.steps_per_epoch(32, 240)
 
     def flaky(*a, **k):
@@ -149,13 +149,13 @@ def test_interrupt_keeps_last_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "augment", flaky)
+    monkeypatch.setattr(Inputs, "train", flaky)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path, data=data)
     d = results.run_dir_for(cfg, tmp_path)
     assert results.read_json(d / "meta.json")["status"] == "interrupted"
     assert results.load_checkpoint(d / "checkpoints/last.pt")["epoch"] == 1
-    monkeypatch.setattr(train_mod, "augment", real)
+    monkeypatch.setattr(Inputs, "train", real)
     res = run(cfg, tmp_path, data=data)
     assert res.meta["status"] == "complete" and res.meta["resumed_at_epochs"] == [1]
 
