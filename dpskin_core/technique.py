@@ -97,7 +97,7 @@ def scatter_features(x: np.ndarray, cache_dir: Optional[Path] = None, batch: int
 class ScatterHead(nn.Module):
     """GroupNorm (per sample: no data statistics) + optional small CNN + linear classifier."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 243, spatial: int = 8,
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 243, spatial: int = 4,
                  hidden: int = 0, groups: int = 27) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(groups, in_channels, affine=False)
@@ -106,8 +106,8 @@ class ScatterHead(nn.Module):
                 nn.Conv2d(in_channels, hidden, 3, padding=1), nn.GroupNorm(gn_groups(hidden), hidden),
                 nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
             feat = hidden * 4
-        else:
-            self.body = nn.Flatten()
+        else:  # pool to spatial x spatial whatever the input size (16 px -> 4x4 maps)
+            self.body = nn.Sequential(nn.AdaptiveAvgPool2d(spatial), nn.Flatten())
             feat = in_channels * spatial * spatial
         self.fc = nn.Linear(feat, num_classes)
 

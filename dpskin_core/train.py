@@ -385,8 +385,8 @@ def run(
         eval_epoch = epoch
     eps = eps_now()
     # optimizer steps taken; under DP read from the accountant, which survives resumes
-    steps_taken = (int(sum(h[2] for h in engine.accountant.history)) if engine is not None
-                   else epoch * steps_per_epoch)
+    steps_taken = (int(sum(h[2] for h in engine.accountant.history[len(setup.prefix_history):]))
+                   if engine is not None else epoch * steps_per_epoch)
     probs = predict_proba(eval_model, x_ev, inputs)
     final = evaluate(y_ev, probs)
     log(eval_epoch, cfg.eval_split, final, eps)
