@@ -33,7 +33,8 @@ def one(method: str, args: argparse.Namespace) -> dict:
     cfg = RunConfig(name=f"bench-{method}", dataset="isic2018", data_root=args.data_root,
                     image_size=args.image_size, backbone=args.backbone, epochs=args.epochs,
                     batch_size=args.batch_size, target_epsilon=args.epsilon if METHODS[method]["dp"] else None,
-                    seed=args.seed, eval_split="test", progress=not args.quiet, **METHODS[method])
+                    seed=args.seed, eval_split="test", progress=not args.quiet,
+                    num_threads=args.threads, **METHODS[method])
     res = run(cfg, runs_root=args.runs)
     val = res.metrics[(res.metrics.split == "val") & (res.metrics.metric == "balanced_accuracy")]
     return {
@@ -43,6 +44,7 @@ def one(method: str, args: argparse.Namespace) -> dict:
         "noise_multiplier": res.noise_multiplier, "accountant": cfg.accountant if cfg.dp else None,
         "val_bacc_last": float(val.sort_values("epoch")["value"].iloc[-1]),
         "test_bacc": res.final_metrics["balanced_accuracy"], "epochs": args.epochs,
+        "threads": args.threads, "load_avg_1min_at_end": __import__("os").getloadavg()[0],
     }
 
 
@@ -58,6 +60,8 @@ def main() -> None:
     p.add_argument("--runs", default="runs/bench")
     p.add_argument("--out", default="benchmarks/results/dp_overhead.csv")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: steady figures on a shared 2-core machine)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -77,15 +77,22 @@ def _find_csv(root: Path, name: str) -> Optional[Path]:
     return None
 
 
-def _read_csv(path: Path, required: tuple) -> pd.DataFrame:
+def _read_csv(path: Path, required: tuple, exact: bool = False) -> pd.DataFrame:
+    """Read a CSV with string image ids; DataError naming the file for missing (or, if
+    ``exact``, extra) columns."""
     try:
         df = pd.read_csv(path, dtype={"image": str})
     except Exception as e:  # empty or unparsable file
         raise DataError(f"{path}: cannot read CSV ({e})") from None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected "
-                        f"{', '.join(required)}, found {', '.join(map(str, df.columns))}")
+    cols = [str(c) for c in df.columns]
+    missing = [c for c in required if c not in cols]
+    extra = [c for c in cols if c not in required] if exact else []
+    if missing or extra:
+        what = "; ".join(x for x in (
+            f"missing column(s) {', '.join(missing)}" if missing else "",
+            f"unexpected column(s) {', '.join(extra)} (unknown class?)" if extra else "") if x)
+        raise DataError(f"{path}: {what}; expected columns {','.join(required)}, "
+                        f"found {','.join(cols)}")
     return df
 
 
@@ -110,13 +117,12 @@ def read_isic2018(root: os.PathLike, subset: str = "Training") -> pd.DataFrame:
     gt_path = _find_csv(root, gt_name)
     if gt_path is None:
         raise DataError(f"{root}: ground truth {gt_name}.csv not found (at the top or in {gt_name}/)")
-    gt = _read_csv(gt_path, ("image",) + CLASSES)
-    extra = [c for c in gt.columns if c not in ("image",) + CLASSES]
-    if extra:
-        raise DataError(f"{gt_path}: unexpected column(s) {', '.join(map(str, extra))} "
-                        f"(unknown class?); expected image,{','.join(CLASSES)}")
+    gt = _read_csv(gt_path, ("image",) + CLASSES, exact=True)
     if gt.empty:
         raise DataError(f"{gt_path}: no rows")
+    if gt["image"].isna().any():
+        raise DataError(f"{gt_path}: empty image id in line(s) "
+                        f"{', '.join(str(i + 2) for i in np.flatnonzero(gt['image'].isna())[:5])}")
     onehot = gt[list(CLASSES)].apply(pd.to_numeric, errors="coerce")
     bad = onehot.isna().any(axis=1)
     if bad.any():
@@ -125,8 +131,9 @@ def read_isic2018(root: os.PathLike, subset: str = "Training") -> pd.DataFrame:
     vals = onehot.to_numpy()
     is_onehot = np.isin(vals, (0.0, 1.0)).all(axis=1) & (vals.sum(axis=1) == 1)
     if not is_onehot.all():
-        raise DataError(f"{gt_path}: image(s) {', '.join(gt.loc[~is_onehot, 'image'].head(5))} "
-                        f"are not labelled with exactly one known class of {', '.join(CLASSES)}")
+        raise DataError(f"{gt_path}: unknown class for image(s) "
+                        f"{', '.join(gt.loc[~is_onehot, 'image'].head(5))}: each row must be "
+                        f"one-hot, exactly one of {', '.join(CLASSES)} equal to 1")
     dup = gt["image"].duplicated()
     if dup.any():
         raise DataError(f"{gt_path}: duplicate image id(s) {', '.join(gt.loc[dup, 'image'].head(5))}")
@@ -134,89 +141,118 @@ def read_isic2018(root: os.PathLike, subset: str = "Training") -> pd.DataFrame:
     groups_path = _find_csv(root, f"ISIC2018_Task3_{subset}_LesionGroupings")
     if groups_path is not None:
         groups = _read_csv(groups_path, ("image", "lesion_id"))
+        dup = groups["image"].duplicated()
+        if dup.any():  # a merge would silently duplicate rows
+            raise DataError(f"{groups_path}: duplicate image id(s) "
+                            f"{', '.join(groups.loc[dup, 'image'].head(5))}")
         df = df.merge(groups[["image", "lesion_id"]], on="image", how="left")
         missing = df["lesion_id"].isna()
         if missing.any():
             raise DataError(f"{groups_path}: no lesion_id for image(s) "
                             f"{', '.join(df.loc[missing, 'image'].head(5))}")
+        df["lesion_id"] = df["lesion_id"].astype(str)
     else:
         df["lesion_id"] = df["image"]
     df["path"] = [str(img_dir / f"{i}.jpg") for i in df["image"]]
     absent = [p for p in df["path"] if not os.path.isfile(p)]
     if absent:
-        raise DataError(f"{len(absent)} image(s) listed in {gt_path.name} are missing, e.g. "
-                        f"{', '.join(absent[:5])}")
+        raise DataError(f"{len(absent)} image(s) listed in {gt_path} are missing from "
+                        f"{img_dir}: {', '.join(Path(a).name for a in absent[:5])}"
+                        f"{' ...' if len(absent) > 5 else ''}")
     return df
 
 
 # --------------------------------------------------------------------------- splitting
-def split_by_lesion(labels: np.ndarray, groups: np.ndarray, val_frac: float, test_frac: float,
-                    seed: int) -> np.ndarray:
+def split_by_lesion(labels: np.ndarray, lesion_ids: np.ndarray, val_frac: float,
+                    test_frac: float, seed: int) -> np.ndarray:
     """Seeded split names ("train"/"val"/"test") per image, grouped and class-stratified.
 
-    A group (lesion) never straddles two splits. Within each class (a group's class is its
-    majority label) the groups are shuffled and assigned to test, then val, until each holds
-    about its fraction of the class's *images*; with >= 3 groups in a class, every split
-    receives at least one.
+    A lesion never straddles two splits. Within each class (a lesion's class is its majority
+    label, ties to the lower index) the lesions are shuffled, then assigned to test and val
+    in turn while the split's image count stays within half a lesion of its fraction of the
+    class's *images*; the rest go to train. With >= 3 lesions in a class, every split with
+    a non-zero fraction receives at least one; train always keeps at least one.
     """
-    labels, groups = np.asarray(labels), np.asarray(groups).astype(str)
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise DataError(f"val_frac={val_frac}, test_frac={test_frac}: need both >= 0 "
+                        f"and val_frac + test_frac < 1")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size and labels.min() < 0:
+        raise DataError(f"negative label {labels.min()}")
+    names, inverse = np.unique(np.asarray(lesion_ids).astype(str), return_inverse=True)
+    if len(labels) != len(inverse):
+        raise DataError(f"{len(labels)} labels but {len(inverse)} lesion ids")
+    # per lesion: image count and per-class counts -> majority class
+    per_class = np.zeros((len(names), int(labels.max(initial=0)) + 1), dtype=np.int64)
+    np.add.at(per_class, (inverse, labels), 1)
+    sizes, cls_of = per_class.sum(axis=1), per_class.argmax(axis=1)
     rng = np.random.default_rng(seed)
-    frame = pd.DataFrame({"label": labels, "group": groups})
-    g = frame.groupby("group")["label"].agg(lambda s: s.value_counts().index[0]).rename("cls")
-    size = frame.groupby("group").size().rename("n")
-    table = pd.concat([g, size], axis=1)
-    assign: Dict[str, str] = {}
-    for cls in sorted(table["cls"].unique()):
-        sub = table[table["cls"] == cls]
-        names = sub.index.to_numpy()[rng.permutation(len(sub))]
-        counts = sub.loc[names, "n"].to_numpy()
-        total = counts.sum()
-        targets = (("test", test_frac * total), ("val", val_frac * total))
-        i = 0
-        for split, target in targets:
-            taken = 0
-            # take at least one group per split while leaving at least one for training
-            while i < len(names) - 1 and (taken == 0 or taken + counts[i] / 2 <= target):
-                if taken == 0 and len(names) < 3 and target < counts[i] / 2:
+    out = np.full(len(names), "train", dtype=object)
+    for cls in np.unique(cls_of):  # sorted: the rng stream is deterministic
+        members = np.flatnonzero(cls_of == cls)  # sorted by lesion name
+        members = members[rng.permutation(len(members))]
+        counts, total, i = sizes[members], sizes[members].sum(), 0
+        plan = [(name, frac) for name, frac in (("test", test_frac), ("val", val_frac)) if frac > 0]
+        for k, (split, frac) in enumerate(plan):
+            target, taken = frac * total, 0
+            # lesions that must stay for the later splits and train (>= 3 lesions), else for train
+            keep = (len(plan) - k) if len(members) >= 3 else 1
+            while i < len(members) - keep:
+                force = taken == 0 and len(members) >= 3
+                if not force and taken + counts[i] / 2 > target:
                     break
-                assign[names[i]] = split
+                out[members[i]] = split
                 taken += counts[i]
                 i += 1
-        for name in names[i:]:
-            assign[name] = "train"
-    return np.array([assign[x] for x in groups])
+    return out[inverse].astype(str)
 
 
 def _sha_groups(root: Path, df: pd.DataFrame) -> np.ndarray:
-    """Split groups: lesion ids, merged for byte-identical files when sha256s are known.
+    """Split groups: lesion ids, merged (union-find) across byte-identical files.
 
-    ``HAM10000_metadata_extra.csv`` lists each JPEG's sha256; two identical files of
-    different lesions (ISIC_0024366 = ISIC_0029861) must not land in two splits.
+    ``HAM10000_metadata_extra.csv``, when present, lists each JPEG's sha256. Images with the
+    same hash go to the same split even if their lesion ids differ, so an identical file can
+    never sit in train and test at once. (In HAM10000 the two identical pairs
+    ISIC_0024366 = ISIC_0029861 and ISIC_0024777 = ISIC_0029938 already share a lesion id;
+    the merge is a safeguard.)
     """
-    groups = df["lesion_id"].astype(str).to_numpy().copy()
+    groups = df["lesion_id"].astype(str).to_numpy()
     extra = root / "HAM10000_metadata_extra.csv"
     if not extra.is_file():
         return groups
     sha = pd.read_csv(extra, dtype=str)
-    if not {"image", "sha256"} <= set(sha.columns):
+    if not {"image", "sha256"} <= set(sha.columns):  # optional metadata without hashes
         return groups
-    m = df[["image"]].merge(sha[["image", "sha256"]], on="image", how="left")
-    first_group: Dict[str, str] = {}
-    for i, h in enumerate(m["sha256"]):
-        if isinstance(h, str):
-            first_group.setdefault(h, groups[i])
-    # union-find light: map every group sharing a hash onto the first group seen with it
-    remap = {groups[i]: first_group[h] for i, h in enumerate(m["sha256"]) if isinstance(h, str)
-             and first_group[h] != groups[i]}
-    return np.array([remap.get(g, g) for g in groups])
+    sha = sha.drop_duplicates("image")
+    hashes = df[["image"]].merge(sha[["image", "sha256"]], on="image", how="left")["sha256"]
+    parent: Dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.get(x, x) != x:
+            x = parent[x]
+        return x
+
+    first: Dict[str, str] = {}
+    for g, h in zip(groups, hashes):
+        if isinstance(h, str) and h:
+            a, b = find(first.setdefault(h, g)), find(g)
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # deterministic representative
+    return np.array([find(g) for g in groups])
+
+
+def _check_train_classes(labels: np.ndarray, split: np.ndarray, where: str) -> None:
+    """DataError naming the first class without a training image (before any decoding)."""
+    present = set(np.asarray(labels)[np.asarray(split) == "train"].tolist())
+    for c, name in enumerate(CLASSES):
+        if c not in present:
+            raise DataError(f"class {name} has no training image after the split ({where})")
 
 
 def _bundle(x: np.ndarray, df: pd.DataFrame, split: np.ndarray, info: dict) -> DataBundle:
+    """Cut decoded images ``x`` (rows of ``df``) into the three splits."""
+    _check_train_classes(df["label"].to_numpy(), split, f"{info.get('dataset')}, {info.get('root')}")
     df = df.assign(split=split)
-    for c in range(len(CLASSES)):
-        if not ((df["split"] == "train") & (df["label"] == c)).any():
-            raise DataError(f"class {CLASSES[c]} has no training image after the split "
-                            f"({info.get('dataset')}, {info.get('root')})")
     parts = {}
     for s in ("train", "val", "test"):
         idx = np.flatnonzero(df["split"].to_numpy() == s)
@@ -246,6 +282,9 @@ def load_official_layout(root: Path, spec: DataSpec, dataset: str) -> DataBundle
                                 spec.test_frac, spec.split_seed)
     else:
         raise DataError(f"split={spec.split!r}; expected 'lesion' or 'official'")
+    _check_train_classes(df["label"].to_numpy(), split, f"{dataset}, {root}")
+    if not (isinstance(spec.image_size, int) and spec.image_size > 0):
+        raise DataError(f"image_size={spec.image_size!r}: expected a positive int (px)")
     x, cache_file, seconds = decode_cached(df["path"].tolist(), spec.image_size, cache)
     info = {"dataset": dataset, "root": str(root), "split": spec.split, "split_seed": spec.split_seed,
             "image_size": spec.image_size, "cache_file": str(cache_file), "decode_seconds": seconds}
@@ -258,7 +297,7 @@ def _isic2018(spec: DataSpec) -> DataBundle:
     if not root:
         raise DataError("dataset 'isic2018' needs data_root (or $DPSKIN_DATA_ROOT): a folder in the "
                         "official ISIC 2018 Task 3 layout; get one with `dpskin download isic2018 "
-                        "--dest DIR`")
+                        "--dest DIR` and point --data-root (data_root in the config) at DIR")
     return load_official_layout(Path(root), spec, "isic2018")
 
 
@@ -267,18 +306,29 @@ def _synthetic(spec: DataSpec) -> DataBundle:
     """The embedded dataset: generated once into the cache (seed 0), then read like real data."""
     from .synth import GENERATOR_VERSION, generate
 
-    root = cache_root(spec.cache_dir) / f"synthetic_n{spec.synth_n}_seed0_v{GENERATOR_VERSION}"
+    # rendered at 64 px (enough for the usual 32 px runs); larger runs get larger renders
+    gen_size = max(64, int(spec.image_size))
+    name = f"synthetic_n{spec.synth_n}_seed0_v{GENERATOR_VERSION}" + (
+        f"_s{gen_size}" if gen_size != 64 else "")
+    root = cache_root(spec.cache_dir) / name
     if not (root / ".complete").is_file():
         import shutil
         import tempfile
 
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".synth-"))
-        generate(tmp, n=spec.synth_n, size=64, seed=0)
-        (tmp / ".complete").write_text("ok\n")
-        if root.exists():  # a half-written folder from an interrupted generation
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        try:
+            generate(tmp, n=spec.synth_n, size=gen_size, seed=0)
+            (tmp / ".complete").write_text("ok\n")
+            if root.exists() and not (root / ".complete").is_file():
+                shutil.rmtree(root)  # half-written by an older, interrupted version
+            try:
+                os.replace(tmp, root)  # atomic: readers see all of it or nothing
+            except OSError:
+                if not (root / ".complete").is_file():  # not a concurrent run that won the race
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return load_official_layout(root, spec, "synthetic")
 
 
@@ -297,7 +347,11 @@ def _dermamnist(spec: DataSpec) -> DataBundle:
     if not path.is_file():
         raise DataError(f"DermaMNIST file not found: {path}")
     remap = np.array([CLASSES.index(c) for c in _DERMAMNIST_ORDER])
-    with np.load(path) as z:
+    try:
+        z = np.load(path)
+    except Exception as e:  # not an npz / truncated download
+        raise DataError(f"{path}: cannot read as .npz ({e})") from None
+    with z:
         xs, ys = [], []
         for s in ("train", "val", "test"):
             for k in (f"{s}_images", f"{s}_labels"):
@@ -307,8 +361,9 @@ def _dermamnist(spec: DataSpec) -> DataBundle:
             if x.ndim != 4 or x.shape[-1] != 3 or len(x) != len(y):
                 raise DataError(f"{path}: {s}_images has shape {x.shape}, expected (N, H, W, 3) "
                                 f"matching {s}_labels ({len(y)})")
-            if y.min() < 0 or y.max() >= len(CLASSES):
-                raise DataError(f"{path}: {s}_labels has values outside 0..{len(CLASSES) - 1}")
+            if len(y) == 0 or y.min() < 0 or y.max() >= len(CLASSES):
+                raise DataError(f"{path}: {s}_labels is empty or has values outside "
+                                f"0..{len(CLASSES) - 1}")
             xs.append(_resize_array(x.astype(np.uint8), spec.image_size))
             ys.append(remap[y.astype(np.int64)])
     n = [len(y) for y in ys]
@@ -317,7 +372,8 @@ def _dermamnist(spec: DataSpec) -> DataBundle:
     df["lesion_id"] = df["image"]
     split = np.repeat(["train", "val", "test"], n)
     return _bundle(np.concatenate(xs), df, split, {"dataset": "dermamnist", "root": str(path),
-                                                   "split": "official", "image_size": spec.image_size})
+                                                   "split": "official", "image_size": spec.image_size,
+                                                   "cache_file": None, "decode_seconds": 0.0})
 
 
 def _resize_array(x: np.ndarray, size: int) -> np.ndarray:

@@ -53,29 +53,58 @@ def decode(path: str, size: int) -> np.ndarray:
 
 
 def cache_key(paths: List[str], size: int) -> str:
+    """Hash of the preprocessing version, ``size`` and every file's resolved path, size and
+    mtime (ns): a changed, added or reordered file gives a new key."""
     h = hashlib.sha256(f"{PREPROCESS_VERSION}|{size}".encode())
     for p in paths:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise DataError(f"cannot read image {p}: {e}") from None
         h.update(f"{os.path.realpath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
 
 
+def decode_all(paths: List[str], size: int, workers: int = 2) -> np.ndarray:
+    """Decode ``paths`` into (N, size, size, 3) uint8 with a tqdm bar; DataError names a bad file."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    # threads: PIL releases the GIL while decoding/resizing; 2 workers match the CI's 2 cores
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, os.cpu_count() or 1))) as pool:
+        it = pool.map(lambda p: decode(p, size), paths)
+        for i, arr in enumerate(tqdm(it, total=len(paths), leave=False,
+                                     desc=f"decoding {len(paths)} images at {size}px")):
+            out[i] = arr
+    return out
+
+
 def decode_cached(paths: List[str], size: int, cache_dir: Path) -> Tuple[np.ndarray, Path, float]:
-    """(images (N, size, size, 3) uint8, cache file, seconds spent decoding (0 on a hit))."""
+    """(images (N, size, size, 3) uint8, cache file, seconds spent decoding (0 on a hit)).
+
+    The cache file is written atomically (temporary file + rename) under ``cache_dir``, never
+    next to the images. An unreadable or wrongly shaped cache file is decoded again.
+    """
     file = Path(cache_dir) / f"images_{size}px_{cache_key(paths, size)}.npy"
     if file.is_file():
-        return np.load(file), file, 0.0
+        try:
+            x = np.load(file)
+            if x.shape == (len(paths), size, size, 3) and x.dtype == np.uint8:
+                return x, file, 0.0
+        except (OSError, ValueError):
+            pass  # truncated by a crash outside our atomic write: rebuild it
     t0 = time.perf_counter()
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PIL frees the GIL
-        for i, arr in enumerate(tqdm(pool.map(lambda p: decode(p, size), paths), total=len(paths),
-                                     desc=f"decoding {len(paths)} images at {size}px",
-                                     leave=False)):
-            out[i] = arr
+    out = decode_all(paths, size)
     seconds = time.perf_counter() - t0
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".images.", suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, out)
-    os.replace(tmp, file)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".images.", suffix=".npy")
+    except OSError as e:
+        raise DataError(f"cannot write the image cache in {file.parent} ({e}); set cache_dir "
+                        f"or $DPSKIN_CACHE to a writable folder") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, out)
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return out, file, seconds

@@ -47,7 +47,7 @@ _SHAPE = {  # radius, aspect, asymmetry (harmonics 1-3), irregularity (4-9), bor
     "BCC": dict(r=(0.22, 0.50), asp=(1.0, 1.5), asym=(0.03, 0.15), irr=(0.02, 0.10), soft=(0.06, 0.18), op=(0.50, 0.85)),
     "AKIEC": dict(r=(0.30, 0.65), asp=(1.0, 1.6), asym=(0.05, 0.20), irr=(0.04, 0.12), soft=(0.12, 0.30), op=(0.45, 0.80)),
     "BKL": dict(r=(0.30, 0.65), asp=(1.0, 1.5), asym=(0.03, 0.15), irr=(0.02, 0.08), soft=(0.03, 0.12), op=(0.60, 0.95)),
-    "DF": dict(r=(0.18, 0.36), asp=(1.0, 1.3), asym=(0.0, 0.08), irr=(0.0, 0.05), soft=(0.10, 0.25), op=(0.60, 0.90)),
+    "DF": dict(r=(0.20, 0.38), asp=(1.0, 1.3), asym=(0.0, 0.08), irr=(0.0, 0.05), soft=(0.10, 0.25), op=(0.60, 0.90)),
     "VASC": dict(r=(0.12, 0.35), asp=(1.0, 1.4), asym=(0.0, 0.08), irr=(0.0, 0.05), soft=(0.02, 0.06), op=(0.80, 1.0)),
 }
 _COLOUR = {  # base colours, second colours, variegation (area of the second colour), centre darkening
@@ -56,13 +56,13 @@ _COLOUR = {  # base colours, second colours, variegation (area of the second col
     "BCC": (("pink", "skin_pink", "tan"), ("blue_grey", "blue_grey", "dark_brown"), (0.1, 0.4), (-0.2, 0.2)),
     "AKIEC": (("rose", "pink", "rose"), ("tan", "light_brown", "red", "yellow_white"), (0.2, 0.6), (-0.2, 0.2)),
     "BKL": (("tan", "light_brown", "brown"), ("light_brown", "brown", "yellow_white"), (0.1, 0.5), (-0.2, 0.3)),
-    "DF": (("tan", "light_brown"), ("pink", "light_brown"), (0.0, 0.3), (-0.4, 0.0)),
+    "DF": (("tan", "light_brown"), ("pink", "light_brown"), (0.0, 0.3), (-0.9, -0.4)),
     "VASC": (("red", "purple", "dark_red"), ("purple", "dark_red", "red"), (0.2, 0.6), (0.0, 0.3)),
 }
 _TEX = {  # strength ranges of dermoscopic structures; missing -> 0
     "MEL": dict(network=(0.2, 0.8), dots=(0.2, 0.8), globules=(0.0, 0.5), streaks=(0.0, 0.7), veil=(0.0, 0.7), vessels=(0.0, 0.2), cereb=(0.0, 0.2), white=(0.0, 0.2)),
     "NV": dict(network=(0.2, 0.8), dots=(0.0, 0.2), globules=(0.0, 0.5), vessels=(0.0, 0.05)),
-    "BCC": dict(dots=(0.0, 0.3), globules=(0.3, 0.7), vessels=(0.6, 1.0), scale=(0.0, 0.2), white=(0.0, 0.2)),
+    "BCC": dict(dots=(0.0, 0.3), globules=(0.5, 0.9), vessels=(0.7, 1.0), scale=(0.0, 0.2), white=(0.0, 0.2)),
     "AKIEC": dict(network=(0.0, 0.2), dots=(0.0, 0.3), vessels=(0.1, 0.4), scale=(0.5, 1.0)),
     "BKL": dict(network=(0.0, 0.3), dots=(0.0, 0.3), cereb=(0.4, 1.0), scale=(0.0, 0.3)),
     "DF": dict(network=(0.2, 0.6), white=(0.7, 1.0)),
@@ -196,7 +196,7 @@ def render(L: Dict[str, object], width: int, height: int, rng: np.random.Generat
     y, x = np.mgrid[0:H, 0:W].astype(np.float32)
     x, y = (x - W / 2 + 0.5) / half, (y - H / 2 + 0.5) / half  # units: half the short side
     # view: rotation, zoom and offset of the lesion frame
-    rot, zoom = L["theta"] + rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.45)
+    rot, zoom = L["theta"] + rng.uniform(0, 2 * np.pi), rng.uniform(0.9, 1.4)
     cx, cy = rng.uniform(-0.15, 0.15, 2)
     c, sn = math.cos(rot), math.sin(rot)
     u, v = ((x - cx) * c + (y - cy) * sn) / zoom, (-(x - cx) * sn + (y - cy) * c) / zoom
@@ -252,9 +252,9 @@ def render(L: Dict[str, object], width: int, height: int, rng: np.random.Generat
         st = np.clip(np.cos(L["streak_n"] * phi + _noise(L["n_warp"], p, q)), 0, 1) ** 8
         img = _lerp(img, L["second"] * 0.7, 0.85 * T["streaks"] * ring * st)
     if T["vessels"] > 0.02:  # arborising red lines: thin level sets of a smooth field
-        ves = np.exp(-(_noise(L["n_vessel"], p, q) / 0.2) ** 2)
+        ves = np.exp(-(_noise(L["n_vessel"], p, q) / 0.25) ** 2)
         ves *= np.clip(_noise(L["n_vmask"], p, q) + 0.5, 0, 1) * np.clip(1.25 - d, 0, 1)
-        img = _lerp(img, (0.80, 0.10, 0.15), np.clip(1.2 * T["vessels"] * ves, 0, 1))
+        img = _lerp(img, (0.85, 0.06, 0.12), np.clip(1.3 * T["vessels"] * ves, 0, 1))
 
     # imaging: lighting gradient, vignette, dermoscope circle, colour cast, noise
     gx, gy = rng.uniform(-0.12, 0.12, 2)
