@@ -4,6 +4,7 @@
     dpskin runs [--runs DIR]
     dpskin data synth --n N --size S --out DIR [--seed K]
     dpskin download {isic2018,dermamnist} --dest DIR [--base-url URL]
+    dpskin book [--profile smoke|cpu|gpu] [--only NAME ...] [--no-build] [--force]
 """
 from __future__ import annotations
 
@@ -76,9 +77,17 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_download(args: argparse.Namespace) -> int:
     from .download import download
 
-    out = download(args.name, Path(args.dest), base_url=args.base_url)
+    out = download(args.name, Path(args.dest), base_url=args.base_url, subsets=args.subsets)
     print(f"{args.name} is ready in {out}")
     return 0
+
+
+def _cmd_book(args: argparse.Namespace) -> int:
+    from .book import run_book
+
+    report = run_book(args.profile, only=args.only or None, build=not args.no_build,
+                      force=args.force)
+    return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("name", choices=["isic2018", "dermamnist"])
     dl.add_argument("--dest", required=True, help="folder to download into")
     dl.add_argument("--base-url", default=None, help="mirror replacing the official host")
+    dl.add_argument("--subsets", default=None,
+                    help="isic2018: Training,Validation,Test (default all); dermamnist: 28,64,128,224")
     dl.set_defaults(func=_cmd_download)
+
+    b = sub.add_parser("book", help="execute the experiment notebooks and build the book")
+    b.add_argument("--profile", default=None,
+                   help="profile of experiments.yml: smoke (default), cpu or gpu")
+    b.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help="execute only this experiment (repeatable), e.g. --only 01_baseline")
+    b.add_argument("--no-build", action="store_true", help="execute notebooks, skip jupyter-book")
+    b.add_argument("--force", action="store_true",
+                   help="re-execute notebooks even when their hash matches")
+    b.set_defaults(func=_cmd_book)
     return p
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from dpskin_core.data import read_isic2018
 from dpskin_core.download import DOWNLOADS, RemoteFile, Source, download, safe_extract
-from dpskin_core.errors import DownloadError, UnknownNameError
+from dpskin_core.errors import ConfigError, DownloadError, UnknownNameError
 
 ISIC_FILES = [f.filename for f in DOWNLOADS.get("isic2018").files]
 
@@ -114,6 +114,12 @@ def isic_www(tmp_path, isic_layout):
     return www
 
 
+def _isic_source(www: Path, algo: str = "sha256") -> Source:
+    """The registered isic2018 source, its checksums replaced by those of the fixture files."""
+    return DOWNLOADS.get("isic2018").with_checksums(
+        {f: f"{algo}:{hashlib.new(algo, (www / f).read_bytes()).hexdigest()}" for f in ISIC_FILES})
+
+
 def _fake_npz(path: Path) -> bytes:
     buf = io.BytesIO()
     arrays = {}
@@ -135,18 +141,77 @@ def _npz_source(base: str, data: bytes, algo: str = "sha256") -> Source:
 def test_isic2018_full_download_verify_unpack_then_no_request(serve, isic_www, tmp_path):
     base, srv = serve()
     dest = tmp_path / "dest"
-    out = download("isic2018", dest, base_url=base, progress=False)
+    out = download(_isic_source(isic_www), dest, base_url=base, progress=False)
     assert out == dest.resolve()
     assert sorted(p for p, _ in srv.log) == sorted(f"/{f}" for f in ISIC_FILES)
     # official layout, read by the loader (GroundTruth CSVs inside their own folder)
     assert (dest / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv").is_file()
     for subset in ("Training", "Validation", "Test"):
+        assert len(list((dest / f"ISIC2018_Task3_{subset}_Input").glob("*.jpg"))) == 7
         assert len(read_isic2018(dest, subset)) == 7
+    for f in ISIC_FILES:  # byte-identical to what was served, zips kept
+        assert (dest / f).read_bytes() == (isic_www / f).read_bytes()
     assert not list(dest.glob("*.part")) and not list(dest.glob("*.corrupt"))
     # a second call verifies nothing over the network: no request at all
     srv.log.clear()
-    download("isic2018", dest, base_url=base, progress=False)
+    download(_isic_source(isic_www), dest, base_url=base, progress=False)
     assert srv.log == []
+
+
+def test_isic2018_registry_pins_groundtruth_md5(serve, isic_www, tmp_path):
+    """The registered source checks the published MD5 of the training ground truth zip: the
+    fixture zip is not the real one, so it is refused and kept as .corrupt."""
+    base, _ = serve()
+    dest = tmp_path / "dest"
+    with pytest.raises(DownloadError) as e:
+        download("isic2018", dest, base_url=base, subsets="Training", progress=False)
+    msg = str(e.value)
+    assert "ISIC2018_Task3_Training_GroundTruth.zip: checksum mismatch" in msg
+    assert "8302427e4ce0c107559531b9f444abe9" in msg
+    assert (dest / "ISIC2018_Task3_Training_GroundTruth.zip.corrupt").is_file()
+    assert (dest / "ISIC2018_Task3_Training_Input").is_dir()  # files before it were fine
+
+
+def test_subsets_select_files(serve, isic_www, tmp_path):
+    base, srv = serve()
+    dest = tmp_path / "dest"
+    download(_isic_source(isic_www), dest, base_url=base, subsets=["test"], progress=False)
+    assert sorted(p for p, _ in srv.log) == ["/ISIC2018_Task3_Test_GroundTruth.zip",
+                                              "/ISIC2018_Task3_Test_Input.zip"]
+    assert len(read_isic2018(dest, "Test")) == 7
+    assert not (dest / "ISIC2018_Task3_Training_Input").exists()
+    srv.log.clear()  # adding a subset later fetches only the new files
+    download(_isic_source(isic_www), dest, base_url=base, subsets="Test,Validation", progress=False)
+    assert sorted(p for p, _ in srv.log) == ["/ISIC2018_Task3_Validation_GroundTruth.zip",
+                                              "/ISIC2018_Task3_Validation_Input.zip"]
+    with pytest.raises(ConfigError, match=r"no subset 'Train'.*Training, Validation, Test"):
+        download("isic2018", dest, subsets="Train", progress=False)
+
+
+def test_dermamnist_sizes_from_medmnist_info():
+    src = DOWNLOADS.get("dermamnist")
+    assert src.subsets == ("28", "64", "128", "224")
+    assert [f.filename for f in src.select().files] == ["dermamnist.npz"]
+    assert [f.filename for f in src.select("224,64").files] == ["dermamnist_64.npz",
+                                                                 "dermamnist_224.npz"]
+    f224 = src.select("224").files[0]
+    assert f224.url == "https://zenodo.org/records/10519652/files/dermamnist_224.npz?download=1"
+    assert f224.checksum == "md5:8974907d8e169bef5f5b96bc506ae45d"
+    with pytest.raises(ConfigError, match="has no file"):
+        src.with_checksums({"nope.npz": None})
+
+
+def test_unpacked_folder_deleted_is_unpacked_again_without_request(serve, isic_www, tmp_path):
+    import shutil
+
+    base, srv = serve()
+    dest = tmp_path / "dest"
+    download(_isic_source(isic_www), dest, base_url=base, subsets="Test", progress=False)
+    shutil.rmtree(dest / "ISIC2018_Task3_Test_Input")
+    srv.log.clear()
+    download(_isic_source(isic_www), dest, base_url=base, subsets="Test", progress=False)
+    assert srv.log == []  # the kept, verified zip is unpacked again
+    assert len(read_isic2018(dest, "Test")) == 7
 
 
 def test_dermamnist_registry_checksum_mismatch_keeps_corrupt_file(serve, tmp_path):
@@ -209,20 +274,36 @@ def test_truncated_transfer_keeps_part_then_resumes(serve, tmp_path):
     assert (dest2 / "dermamnist.npz").read_bytes() == data
 
 
+def test_part_longer_than_file_is_kept_as_corrupt(serve, tmp_path):
+    base, srv = serve()
+    data = _fake_npz(tmp_path / "www" / "dermamnist.npz")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "dermamnist.npz.part").write_bytes(data + b"junk")
+    with pytest.raises(DownloadError, match="kept as .*dermamnist.npz.corrupt"):
+        download(_npz_source(base, data), dest, progress=False)
+    assert (dest / "dermamnist.npz.corrupt").read_bytes() == data + b"junk"
+    download(_npz_source(base, data), dest, progress=False)  # rerun: from zero
+    assert srv.log[-1] == ("/dermamnist.npz", None)
+    assert (dest / "dermamnist.npz").read_bytes() == data
+
+
 def test_unreachable_host_says_offline_and_how_to_install_by_hand(tmp_path):
     dest = tmp_path / "dest"
     with pytest.raises(DownloadError) as e:
         download("isic2018", dest, base_url=closed_port_url(), progress=False, timeout=5)
     msg = str(e.value)
     assert "offline" in msg and "unreachable" in msg
-    assert str(dest.resolve()) in msg
-    assert all(f in msg for f in ISIC_FILES)
-    assert "then rerun" in msg and "files present are verified and unpacked" in msg
+    for f in ISIC_FILES:  # every file: where from, and the exact place to put it
+        assert f"/{f}\n" in msg
+        assert f"-> {dest.resolve() / f}" in msg
+    assert "then rerun: `dpskin download isic2018 --dest" in msg
+    assert "files present are verified and unpacked" in msg
 
 
 def test_http_404_is_a_clear_download_error(serve, tmp_path):
     base, _ = serve()  # empty folder
-    with pytest.raises(DownloadError, match=r"HTTP 404.*\n.*download these files into"):
+    with pytest.raises(DownloadError, match=r"HTTP 404.*\n.*download each file below"):
         download("dermamnist", tmp_path / "dest", base_url=base, progress=False)
 
 
@@ -231,7 +312,7 @@ def test_files_placed_by_hand_are_verified_and_unpacked_offline(isic_www, tmp_pa
     dest.mkdir()
     for f in ISIC_FILES:
         (dest / f).write_bytes((isic_www / f).read_bytes())
-    download("isic2018", dest, base_url=closed_port_url(), progress=False)  # no network needed
+    download(_isic_source(isic_www), dest, base_url=closed_port_url(), progress=False)  # no network
     assert len(read_isic2018(dest, "Training")) == 7
 
 
