@@ -17,12 +17,12 @@ import pandas as pd
 PROPOSED = dict(features="colour", backbone="colour_linear", dp=True, logit_adjust=True,
                 ema_decay=0.9, optimizer="sgd", lr=8.0, momentum=0.9, batch_size=1024, epochs=30,
                 max_grad_norm=1.0, augment_flips=False, augment_rot90=False)
-ABLATIONS = {  # each lever of the technique removed in turn
-    "proposed - logit adjustment": dict(logit_adjust=False),
-    "proposed - EMA": dict(ema_decay=None),
-    "proposed - colour front end (pixels, smallcnn)": dict(
+ABLATIONS = {  # each lever of the technique removed in turn; key: (label, overrides)
+    "la": ("proposed - logit adjustment", dict(logit_adjust=False)),
+    "ema": ("proposed - EMA", dict(ema_decay=None)),
+    "frontend": ("proposed - colour front end (pixels, smallcnn)", dict(
         features="pixels", backbone="smallcnn", lr=1.0, batch_size=256, epochs=10,
-        augment_flips=True, augment_rot90=True),
+        augment_flips=True, augment_rot90=True)),
 }
 BASELINES = {
     "dp-sgd": dict(dp=True, optimizer="sgd", lr=1.0, batch_size=256, epochs=10),
@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default="proposed,ablations",
                    help="comma list of: proposed, ablations, dp-sgd, dp-adam, nonprivate, 'nonprivate proposed'")
+    p.add_argument("--ablations", default="la,ema,frontend", help="which levers to remove in turn")
     p.add_argument("--runs", default="runs/proposed")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/proposed.csv")
@@ -56,8 +57,8 @@ def main() -> None:
         if m == "proposed":
             plan += [("proposed", PROPOSED, e) for e in eps_list]
         elif m == "ablations":
-            plan += [(name, {**PROPOSED, **d}, e) for name, d in ABLATIONS.items()
-                     for e in eps_list if e in (3.0, 8.0)]
+            plan += [(ABLATIONS[a][0], {**PROPOSED, **ABLATIONS[a][1]}, e)
+                     for a in args.ablations.split(",") for e in eps_list if e in (3.0, 8.0)]
         elif m in BASELINES:
             d = BASELINES[m]
             plan += [(m, d, e) for e in (eps_list if d["dp"] else [None])]

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import List, Any, Dict, Iterable, Optional, Union
 
 import pandas as pd
 
@@ -38,10 +38,46 @@ def default_runs_root() -> Path:
     return Path(os.environ.get("DPSKIN_RUNS", "runs"))
 
 
-def code_version() -> str:
-    """Hash of the dpskin_core sources: a code change gives new run ids (and re-execution)."""
+def training_modules() -> List[str]:
+    """The dpskin_core modules a training run executes: ``train.py`` and, transitively, every
+    package module it imports (``from . import x``, ``from .x import y``, also inside functions).
+
+    Modules outside this set (the book runner, the CLI, downloads, attacks on finished models)
+    cannot change what a run computes, so editing them keeps finished runs valid.
+    """
+    import ast
+
+    todo, seen = ["train"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or not (_PKG_DIR / f"{name}.py").is_file():
+            continue
+        seen.add(name)
+        tree = ast.parse((_PKG_DIR / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    todo.append(node.module.split(".")[0])
+                else:
+                    todo.extend(a.name for a in node.names)
+    return sorted(f"{m}.py" for m in seen)
+
+
+def code_version(scope: str = "training") -> str:
+    """Hash of dpskin_core sources (12 hex digits).
+
+    ``scope="training"`` (run ids) hashes :func:`training_modules`, so a change to anything a
+    run executes gives new run ids; ``scope="all"`` (executed notebooks) hashes the whole
+    package, so any change re-executes the book's notebooks.
+    """
+    if scope == "training":
+        files = [_PKG_DIR / m for m in training_modules()]
+    elif scope == "all":
+        files = sorted(_PKG_DIR.rglob("*.py"))
+    else:
+        raise ValueError(f"code_version scope must be 'training' or 'all', got {scope!r}")
     h = hashlib.sha256()
-    for p in sorted(_PKG_DIR.rglob("*.py")):
+    for p in files:
         h.update(p.relative_to(_PKG_DIR).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:12]

@@ -24,7 +24,7 @@ from .errors import ConfigError
 
 GENERATOR_VERSION = "1"
 MIN_LESIONS_PER_CLASS = 3   # a lesion-grouped 3-way split keeps every class in every split
-CONFUSION = 0.05            # probability that a feature group is drawn from another class
+CONFUSION = 0.03            # probability that a feature group is drawn from another class
 _MIN_RENDER_SIDE = 64       # px; smaller outputs are rendered larger, then downsampled
 
 _P = {  # palette, RGB in [0, 1]
@@ -53,10 +53,10 @@ _SHAPE = {  # radius, aspect, asymmetry (harmonics 1-3), irregularity (4-9), bor
 _COLOUR = {  # base colours, second colours, variegation (area of the second colour), centre darkening
     "MEL": (("brown", "dark_brown", "light_brown"), ("black", "blue_grey", "dark_brown", "pink"), (0.3, 0.9), (-0.3, 0.5)),
     "NV": (("brown", "light_brown", "dark_brown", "tan"), ("brown", "dark_brown", "light_brown"), (0.0, 0.3), (-0.2, 0.4)),
-    "BCC": (("pink", "skin_pink", "tan"), ("blue_grey", "blue_grey", "dark_brown"), (0.1, 0.4), (-0.2, 0.2)),
+    "BCC": (("pink", "skin_pink", "pink"), ("blue_grey", "blue_grey", "dark_brown"), (0.1, 0.4), (-0.2, 0.2)),
     "AKIEC": (("rose", "pink", "rose"), ("tan", "light_brown", "red", "yellow_white"), (0.2, 0.6), (-0.2, 0.2)),
     "BKL": (("tan", "light_brown", "brown"), ("light_brown", "brown", "yellow_white"), (0.1, 0.5), (-0.2, 0.3)),
-    "DF": (("tan", "light_brown"), ("pink", "light_brown"), (0.0, 0.3), (-0.9, -0.4)),
+    "DF": (("tan", "light_brown"), ("light_brown", "brown"), (0.0, 0.3), (-0.9, -0.4)),
     "VASC": (("red", "purple", "dark_red"), ("purple", "dark_red", "red"), (0.2, 0.6), (0.0, 0.3)),
 }
 _TEX = {  # strength ranges of dermoscopic structures; missing -> 0

@@ -1,0 +1,153 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["parameters"]
+# Parameters (papermill injects the profile's values after this cell; see experiments.yml).
+profile = "smoke"
+runs_root = "runs/smoke"
+dataset = "synthetic"
+data_root = None
+synth_n = 1200
+image_size = 32
+backbones = ["smallcnn_fast"]
+optimizers = ["sgd", "adam"]
+seeds = [0, 1]
+epochs = 8
+batch_size = 64
+lr_sgd = 0.05
+lr_adam = 0.002
+num_threads = None
+class_weights = "balanced"
+
+# %% [markdown]
+# # Non-private baseline
+#
+# The reference every private model is measured against: each backbone of the profile trained
+# without privacy, with SGD (momentum 0.9) and with Adam, on the same data, augmentation and
+# number of epochs as the private runs of the next chapters. The loss is weighted by inverse
+# class frequency (`class_weights` parameter): a non-private model may read the class counts of
+# its training data, and without the weights it would mostly answer NV. Private runs cannot
+# use these weights (the counts are private data; see the Methods chapter).
+
+# %% tags=["remove-cell"]
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from dpskin_core.experiments import glue
+
+from dpskin_core import CLASSES, RunConfig
+from dpskin_core.experiments import (grid, method_label, recall_by_class, summary_table,
+                                     sweep)
+from dpskin_core.metrics import confusion_matrix
+from dpskin_core.results import load_metrics, load_predictions
+
+sns.set_theme(style="whitegrid", context="notebook")
+pd.set_option("display.precision", 3)
+
+# %% [markdown]
+# ## Training
+#
+# One run per backbone, optimiser and seed. A run whose configuration and code version already
+# ran is read back from its record instead of being trained again.
+
+# %% tags=["hide-output"]
+lr = {"sgd": lr_sgd, "adam": lr_adam}
+base = RunConfig(name="baseline", dataset=dataset, data_root=data_root, synth_n=synth_n,
+                 image_size=image_size, epochs=epochs, batch_size=batch_size, dp=False,
+                 class_weights=class_weights,
+                 progress=False, num_threads=num_threads)
+points = [dict(p, lr=lr[p["optimizer"]])
+          for p in grid(backbone=backbones, optimizer=optimizers, seed=seeds)]
+runs = sweep(base, points, runs_root)
+runs["method"] = runs["method"].map(method_label)
+
+# %% [markdown]
+# ## Test-set results
+#
+# Mean ± standard deviation over seeds ($n$ = number of seeds) on the test split.
+
+# %%
+table = summary_table(runs, ["backbone", "method"])
+speed = runs.groupby(["backbone", "method"])[["train_images_per_s", "wall_time_s"]].mean()
+table = table.join(speed.round(0), on=["backbone", "method"]).rename(
+    columns={"train_images_per_s": "train img/s", "wall_time_s": "wall time (s)"})
+table.set_index(["backbone", "method"])
+
+# %% tags=["remove-cell"]
+means = runs.groupby(["backbone", "method"])["balanced_accuracy"].agg(["mean", "std", "count"])
+best = means["mean"].idxmax()
+glue("best_model", f"{best[1]} with {best[0]}", display=False)
+glue("best_bacc", means.loc[best, "mean"], display=False)
+glue("best_std", means.loc[best, "std"], display=False)
+glue("n_seeds", int(means.loc[best, "count"]), display=False)
+glue("chance", 1 / len(CLASSES), display=False)
+best_runs = runs[(runs["backbone"] == best[0]) & (runs["method"] == best[1])]
+glue("best_acc", best_runs["accuracy"].mean(), display=False)
+glue("best_auc", best_runs["auc_macro"].mean(), display=False)
+
+# %% [markdown]
+# The best non-private model, {glue:text}`best_model`, reaches a balanced accuracy of
+# {glue:text}`best_bacc:.3f` ± {glue:text}`best_std:.3f` ($n$ = {glue:text}`n_seeds` seeds),
+# against {glue:text}`chance:.3f` for a classifier that always predicts one class; its plain
+# accuracy is {glue:text}`best_acc:.3f` and its macro AUC {glue:text}`best_auc:.3f`.
+
+# %% [markdown]
+# ## Training curves
+#
+# Validation balanced accuracy and training loss after each epoch (mean over seeds, band:
+# ± one standard deviation).
+
+# %% tags=["hide-input"]
+metrics = load_metrics(runs_root)
+metrics = metrics[metrics["run"].isin(runs["run"])].copy()
+metrics["method"] = metrics["method"].map(method_label)
+curves = pd.concat([
+    metrics[(metrics["split"] == "val") & (metrics["metric"] == "balanced_accuracy")],
+    metrics[(metrics["split"] == "train") & (metrics["metric"] == "loss")],
+])
+curves["panel"] = curves["split"] + " " + curves["metric"].str.replace("_", " ")
+g = sns.relplot(data=curves, x="epoch", y="value", hue="method",
+                style="backbone" if len(backbones) > 1 else None, col="panel", kind="line",
+                errorbar="sd", facet_kws={"sharey": False}, height=3.2, aspect=1.25)
+g.set_titles("{col_name}")
+g.set_ylabels("")
+plt.show()
+
+# %% [markdown]
+# ## Per-class recall
+#
+# Balanced accuracy is the mean of these recalls. The rare classes are where a model can gain
+# or lose most.
+
+# %%
+recall = recall_by_class(runs, ["backbone", "method"])
+recall.pivot_table(index=["backbone", "method"], columns="class", values="recall",
+                   observed=True)
+
+# %% [markdown]
+# ## Confusion matrix
+#
+# Of the best model, summed over its seeds and normalised per true class (rows sum to 1).
+
+# %% tags=["hide-input"]
+cm = sum(confusion_matrix(p["label"].to_numpy(), p["pred"].to_numpy(), len(CLASSES))
+         for p in (load_predictions(d) for d in best_runs["run_dir"]))
+cm_norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+fig, ax = plt.subplots(figsize=(5.2, 4.4))
+sns.heatmap(pd.DataFrame(cm_norm, index=CLASSES, columns=CLASSES), annot=True, fmt=".2f",
+            cmap="Blues", vmin=0, vmax=1, cbar=False, ax=ax)
+ax.set_xlabel("predicted")
+ax.set_ylabel("true")
+ax.set_title(f"{best[1]}, {best[0]} ({len(best_runs)} seeds)")
+fig.tight_layout()

@@ -1,0 +1,197 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["parameters"]
+# Parameters (papermill injects the profile's values after this cell; see experiments.yml).
+profile = "smoke"
+runs_root = "runs/smoke"
+dataset = "synthetic"
+image_size = 32
+backbones = ["smallcnn_fast"]
+seeds = [0, 1]
+epsilons = [1.0, 8.0]
+epochs = 8
+delta = 1.0e-5
+class_weights = "balanced"
+proposed_lr = 8.0
+proposed_batch_size = 256
+proposed_epochs = 20
+proposed_ema = 0.9
+
+# %% [markdown]
+# # Privacy-utility summary
+#
+# This chapter reads the run records of every experiment of the profile (it trains nothing)
+# and puts the methods side by side: balanced accuracy against the privacy budget, one line per
+# method, mean ± standard deviation over seeds.
+
+# %% tags=["remove-cell"]
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from dpskin_core.experiments import glue
+
+from dpskin_core import CLASSES
+from dpskin_core.experiments import current_runs, method_label, recall_by_class, summary_table
+
+sns.set_theme(style="whitegrid", context="notebook")
+pd.set_option("display.precision", 3)
+
+# %%
+# the end-to-end runs of chapters 01-03 ...
+e2e = current_runs(runs_root, dataset=dataset, image_size=image_size, epochs=epochs,
+                   backbone=backbones, seed=seeds, features="pixels", logit_adjust=False,
+                   ema_decay=None, aug_mult=1)
+e2e = e2e[e2e["dp"].astype(bool) | (e2e["class_weights"] == class_weights)]
+# ... and the full recipe of the proposed technique (chapter 04; not its ablations)
+prop = current_runs(runs_root, dataset=dataset, image_size=image_size, seed=seeds,
+                    features="colour", backbone="colour_linear", logit_adjust=True,
+                    ema_decay=proposed_ema, lr=proposed_lr, batch_size=proposed_batch_size,
+                    epochs=proposed_epochs, dp=True)
+prop["backbone"] = backbones[0]  # compared on the same split with the end-to-end backbone
+runs = pd.concat([e2e, prop], ignore_index=True)
+runs = runs[~runs["dp"].astype(bool) | runs["target_epsilon"].isin(epsilons)].copy()
+if runs.empty:
+    raise RuntimeError(f"no complete runs of the current code in {runs_root}: execute the "
+                       "training notebooks first (dpskin book)")
+runs["method"] = runs["method"].map(method_label)
+runs["ε"] = np.where(runs["dp"].astype(bool), runs["target_epsilon"], np.inf)
+print(f"{len(runs)} runs from {runs_root} ({runs['method'].nunique()} methods, "
+      f"{runs['backbone'].nunique()} backbones, seeds {sorted(runs['seed'].unique())})")
+
+# %% [markdown]
+# ## The privacy-utility table
+#
+# Test-set metrics per method and target budget ($\varepsilon = \infty$: non-private),
+# mean ± standard deviation over $n$ seeds.
+
+# %%
+table = summary_table(runs, ["backbone", "method", "ε"])
+achieved = runs.groupby(["backbone", "method", "ε"])["epsilon"].max().rename("max achieved ε")
+table = table.join(achieved, on=["backbone", "method", "ε"])
+table = table.sort_values(["backbone", "ε", "method"], ascending=[True, False, True])
+table.set_index(["backbone", "method", "ε"]).round({"max achieved ε": 3})
+
+# %% [markdown]
+# ## Balanced accuracy against ε
+#
+# One line per private method (error bars: ± one standard deviation over seeds); the
+# non-private methods are horizontal lines with their ± one standard deviation band. The number
+# of seeds behind every point is in the legend.
+
+# %% tags=["hide-input"]
+b_main = backbones[0]
+sub = runs[runs["backbone"] == b_main]
+dp = sub[sub["dp"].astype(bool)]
+npv = sub[~sub["dp"].astype(bool)]
+methods_dp = sorted(dp["method"].unique())
+methods_np = sorted(npv["method"].unique())
+colors = dict(zip(methods_dp + methods_np, sns.color_palette(n_colors=len(methods_dp) + len(methods_np))))
+fig, ax = plt.subplots(figsize=(6.4, 4))
+for m in methods_dp:
+    agg = dp[dp["method"] == m].groupby("target_epsilon")["balanced_accuracy"].agg(
+        ["mean", "std", "count"]).reset_index()
+    n = f"n = {agg['count'].min()}" if agg["count"].nunique() == 1 else \
+        f"n = {agg['count'].min()}–{agg['count'].max()}"
+    ax.errorbar(agg["target_epsilon"], agg["mean"], yerr=agg["std"].fillna(0), marker="o",
+                capsize=3, color=colors[m], label=f"{m} ({n})")
+for m in methods_np:
+    v = npv[npv["method"] == m]["balanced_accuracy"]
+    ax.axhline(v.mean(), color=colors[m], ls="--", lw=1.2, label=f"{m} (n = {len(v)})")
+    if len(v) > 1:
+        ax.axhspan(v.mean() - v.std(), v.mean() + v.std(), color=colors[m], alpha=0.12)
+ax.axhline(1 / len(CLASSES), color="grey", ls=":", lw=1, label="chance (1/7)")
+ax.set_xscale("log")
+ax.set_xticks(sorted(epsilons))
+ax.set_xticklabels([f"{e:g}" for e in sorted(epsilons)])
+ax.minorticks_off()
+ax.set_xlabel(f"ε (log scale), δ = {delta:g}")
+ax.set_ylabel("balanced accuracy (test)")
+ax.set_title(f"{b_main}, {dataset} at {image_size} px, {epochs} epochs")
+ax.legend(fontsize=8, loc="best")
+fig.tight_layout()
+
+# %% tags=["remove-cell"]
+def stat(method, eps):
+    v = sub[(sub["method"] == method) & (sub["ε"] == eps)]["balanced_accuracy"]
+    return v.mean(), v.std(), len(v)
+
+e_lo, e_hi = float(min(epsilons)), float(max(epsilons))
+glue("delta", f"{delta:g}", display=False)
+glue("eps_min", f"{e_lo:g}", display=False)
+glue("eps_max", f"{e_hi:g}", display=False)
+glue("backbone", b_main, display=False)
+glue("dataset", dataset, display=False)
+glue("n_runs", len(runs), display=False)
+glue("n_seeds", len(seeds), display=False)
+best_np = max(methods_np, key=lambda m: stat(m, np.inf)[0])
+m_, s_, n_ = stat(best_np, np.inf)
+glue("np_method", best_np, display=False)
+glue("np_bacc", m_, display=False)
+glue("np_std", s_, display=False)
+best_hi = max(methods_dp, key=lambda m: stat(m, e_hi)[0])
+best_lo = max(methods_dp, key=lambda m: stat(m, e_lo)[0])
+for tag, m, e in (("hi", best_hi, e_hi), ("lo", best_lo, e_lo)):
+    mean, std, n = stat(m, e)
+    glue(f"dp_{tag}_method", m, display=False)
+    glue(f"dp_{tag}_bacc", mean, display=False)
+    glue(f"dp_{tag}_std", std, display=False)
+    glue(f"dp_{tag}_gap", m_ - mean, display=False)
+for m in methods_dp:
+    key = m.lower().replace("-", "_")
+    for tag, e in (("hi", e_hi), ("lo", e_lo)):
+        mean, std, n = stat(m, e)
+        glue(f"{key}_{tag}_bacc", mean, display=False)
+        glue(f"{key}_{tag}_std", std, display=False)
+
+# %% [markdown]
+# With the {glue:text}`backbone` network, the best non-private model
+# ({glue:text}`np_method`) reaches {glue:text}`np_bacc:.3f` ± {glue:text}`np_std:.3f`. At
+# $\varepsilon$ = {glue:text}`eps_max` the best private method is {glue:text}`dp_hi_method`
+# with {glue:text}`dp_hi_bacc:.3f` ± {glue:text}`dp_hi_std:.3f`, a cost of
+# {glue:text}`dp_hi_gap:.3f` in balanced accuracy; at $\varepsilon$ = {glue:text}`eps_min` it
+# is {glue:text}`dp_lo_method` with {glue:text}`dp_lo_bacc:.3f` ± {glue:text}`dp_lo_std:.3f`
+# (a cost of {glue:text}`dp_lo_gap:.3f`). Every value is a mean over {glue:text}`n_seeds`
+# seeds.
+
+# %% [markdown]
+# ## Recall per class, method and budget
+#
+# Mean test recall over seeds. Rows are ordered from the non-private models to the smallest
+# budget.
+
+# %% tags=["hide-input"]
+rec = recall_by_class(sub, ["method", "ε"])
+rec["model"] = np.where(np.isinf(rec["ε"]), rec["method"],
+                        rec["method"] + ", ε = " + rec["ε"].map("{:g}".format))
+order = (rec[["model", "ε", "method"]].drop_duplicates()
+         .sort_values(["ε", "method"], ascending=[False, True])["model"].tolist())
+heat = rec.pivot_table(index="model", columns="class", values="recall", observed=True).loc[order]
+fig, ax = plt.subplots(figsize=(7.2, 0.45 * len(heat) + 1.2))
+sns.heatmap(heat, annot=True, fmt=".2f", cmap="viridis", vmin=0, vmax=1, cbar=False, ax=ax)
+ax.set_xlabel("")
+ax.set_ylabel("")
+fig.tight_layout()
+
+# %% tags=["remove-cell"]
+np_rec = rec[np.isinf(rec["ε"])].groupby("class", observed=True)["recall"].mean()
+lo_rec = rec[rec["ε"] == e_lo].groupby("class", observed=True)["recall"].mean()
+drop = (np_rec - lo_rec).dropna()
+glue("worst_class", str(drop.idxmax()), display=False)
+glue("worst_drop", float(drop.max()), display=False)
+
+# %% [markdown]
+# Averaged over the methods, the class whose recall drops most between the non-private models
+# and $\varepsilon$ = {glue:text}`eps_min` is {glue:text}`worst_class`
+# ({glue:text}`worst_drop:.2f`).
