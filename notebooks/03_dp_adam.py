@@ -47,14 +47,12 @@ class_weights = "balanced"
 
 # %% tags=["remove-cell"]
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
-from dpskin_core.experiments import glue
 
-from dpskin_core import CLASSES, RunConfig
-from dpskin_core.experiments import (eps_over_steps, grid, method_label, recall_by_class,
-                                     summary_table, sweep)
+from dpskin_core import RunConfig
+from dpskin_core import figures
+from dpskin_core.experiments import glue, grid, method_label, sweep
 from dpskin_core.results import load_metrics
 
 sns.set_theme(style="whitegrid", context="notebook")
@@ -79,9 +77,8 @@ private = sweep(base.replace(dp=True, target_epsilon=epsilons[0], delta=delta,
                              lr={"sgd": lr_dp_sgd, "adam": lr_dp_adam}[optimizer]),
                 grid(backbone=backbones, target_epsilon=epsilons, seed=seeds), runs_root)
 runs = pd.concat([nonprivate, private], ignore_index=True)
-runs["budget"] = [f"ε = {e:g}" if dp else "non-private"
-                  for dp, e in zip(runs["dp"].astype(bool), runs["target_epsilon"])]
-budget_order = ["non-private"] + [f"ε = {e:g}" for e in sorted(epsilons, reverse=True)]
+budget_order = figures.with_budget(runs, epsilons)
+metrics = load_metrics(runs_root)
 
 # %% [markdown]
 # ## Test-set results
@@ -91,35 +88,13 @@ budget_order = ["non-private"] + [f"ε = {e:g}" for e in sorted(epsilons, revers
 # required, *steps* the number of noisy gradient steps.
 
 # %%
-table = summary_table(runs, ["backbone", "budget"])
-priv = runs.groupby(["backbone", "budget"])[["epsilon", "noise_multiplier", "steps",
-                                             "train_images_per_s"]].mean()
-table = table.join(priv, on=["backbone", "budget"]).rename(columns={
-    "epsilon": "achieved ε", "noise_multiplier": "σ", "train_images_per_s": "train img/s"})
-table["budget"] = pd.Categorical(table["budget"], budget_order, ordered=True)
-table = table.sort_values(["backbone", "budget"]).set_index(["backbone", "budget"])
-table.astype({"steps": "Int64"}).round({"achieved ε": 3, "σ": 3, "train img/s": 0})
+figures.dp_results_table(runs, budget_order)
 
 # %% tags=["remove-cell"]
 b0 = backbones[0]
-by = runs[runs["backbone"] == b0].groupby("budget")["balanced_accuracy"].agg(["mean", "std", "count"])
-e_lo, e_hi = min(epsilons), max(epsilons)
-glue("backbone", b0, display=False)
 glue("dp_name", DP_NAME, display=False)
-glue("np_bacc", by.loc["non-private", "mean"], display=False)
-glue("np_std", by.loc["non-private", "std"], display=False)
-glue("eps_lo", e_lo, display=False)
-glue("eps_hi", e_hi, display=False)
-glue("lo_bacc", by.loc[f"ε = {e_lo:g}", "mean"], display=False)
-glue("lo_std", by.loc[f"ε = {e_lo:g}", "std"], display=False)
-glue("hi_bacc", by.loc[f"ε = {e_hi:g}", "mean"], display=False)
-glue("hi_std", by.loc[f"ε = {e_hi:g}", "std"], display=False)
-glue("n_seeds", int(by["count"].min()), display=False)
-sig = private[private["backbone"] == b0].groupby("target_epsilon")["noise_multiplier"].mean()
-glue("sigma_lo", sig.loc[e_lo], display=False)
-glue("sigma_hi", sig.loc[e_hi], display=False)
-speed = runs[runs["backbone"] == b0].groupby(runs["dp"].astype(bool))["train_images_per_s"].mean()
-glue("slowdown", speed.loc[False] / speed.loc[True], display=False)
+for key, value in figures.dp_headline(runs, b0, epsilons).items():
+    glue(key, value, display=False)
 
 # %% [markdown]
 # With the {glue:text}`backbone` network, non-private training reaches a balanced accuracy of
@@ -137,91 +112,41 @@ glue("slowdown", speed.loc[False] / speed.loc[True], display=False)
 # over seeds, band: ± one standard deviation).
 
 # %% tags=["hide-input"]
-metrics = load_metrics(runs_root)
-metrics = metrics[metrics["run"].isin(runs["run"])].merge(runs[["run", "budget"]], on="run")
-curves = pd.concat([
-    metrics[(metrics["split"] == "val") & (metrics["metric"] == "balanced_accuracy")],
-    metrics[(metrics["split"] == "train") & (metrics["metric"] == "loss")],
-])
-curves["panel"] = curves["split"] + " " + curves["metric"].str.replace("_", " ")
-g = sns.relplot(data=curves, x="epoch", y="value", hue="budget", hue_order=budget_order,
-                style="backbone" if len(backbones) > 1 else None, col="panel", kind="line",
-                errorbar="sd", facet_kws={"sharey": False}, height=3.2, aspect=1.25)
-g.set_titles("{col_name}")
-g.set_ylabels("")
+figures.training_curves(metrics, runs, budget_order)
 plt.show()
 
 # %% [markdown]
 # ## Privacy spent over training
 #
-# The accountant's $\varepsilon$ after each epoch, against the number of noisy steps taken. It
-# grows sub-linearly in the number of steps and reaches the target exactly at the end: the
-# noise multiplier was chosen for that.
-
-# %% tags=["hide-input"]
-steps = eps_over_steps(metrics, runs)
-steps["budget"] = "target ε = " + steps["target_epsilon"].map("{:g}".format)
-fig, ax = plt.subplots(figsize=(6, 3.4))
-sns.lineplot(data=steps, x="step", y="eps", hue="budget", style="backbone"
-             if len(backbones) > 1 else None, marker="o", errorbar=None, ax=ax)
-for e in epsilons:
-    ax.axhline(e, color="grey", lw=0.8, ls=":")
-ax.set_xlabel("optimizer steps")
-ax.set_ylabel(f"ε (δ = {delta:g})")
-ax.set_title(f"{DP_NAME}: ε spent over training")
-fig.tight_layout()
+# DP-Adam's runs have the same sampling rate, noise multiplier and number of steps as DP-SGD's
+# at each budget, so their $\varepsilon$ after each epoch is the same curve: see
+# {doc}`02_dp_sgd`.
 
 # %% [markdown]
 # ## Balanced accuracy against the privacy budget
 #
-# Mean ± one standard deviation over seeds; the dashed line is the non-private model.
+# Mean ± one standard deviation over seeds; dashed: the non-private model of each backbone.
 
 # %% tags=["hide-input"]
-dp_runs = runs[runs["dp"].astype(bool)]
-fig, ax = plt.subplots(figsize=(6, 3.6))
-palette = dict(zip(backbones, sns.color_palette(n_colors=len(backbones))))
-for b in backbones:
-    agg = dp_runs[dp_runs["backbone"] == b].groupby("target_epsilon")["balanced_accuracy"].agg(
-        ["mean", "std"]).reset_index()
-    ax.errorbar(agg["target_epsilon"], agg["mean"], yerr=agg["std"].fillna(0), marker="o",
-                capsize=3, color=palette[b], label=f"{DP_NAME}, {b}")
-    ref = runs[(runs["backbone"] == b) & ~runs["dp"].astype(bool)]["balanced_accuracy"].mean()
-    ax.axhline(ref, color=palette[b], ls="--", lw=1, label=f"non-private, {b}")
-ax.axhline(1 / len(CLASSES), color="grey", ls=":", lw=1, label="chance (1/7)")
-ax.set_xscale("log")
-ax.set_xticks(epsilons)
-ax.set_xticklabels([f"{e:g}" for e in epsilons])
-ax.set_xlabel("ε (log scale)")
-ax.set_ylabel("balanced accuracy")
-ax.legend(fontsize=8, loc="best")
-fig.tight_layout()
+runs["model"] = [f"{DP_NAME}, {b}" if dp else f"non-private, {b}"
+                 for dp, b in zip(runs["dp"].astype(bool), runs["backbone"])]
+figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
 
 # %% [markdown]
-# ## Who loses most under DP
+# ## Who loses most under DP-Adam
 #
 # Recall of every class (mean over seeds) without privacy and at each budget, for the
 # {glue:text}`backbone` network, and the drop in recall from the non-private model.
 
 # %%
-recall = recall_by_class(runs[runs["backbone"] == b0], ["budget"])
-wide = recall.pivot_table(index="class", columns="budget", values="recall",
-                          observed=True)[budget_order]
-for e in sorted(epsilons):
-    wide[f"drop at ε = {e:g}"] = wide["non-private"] - wide[f"ε = {e:g}"]
+wide = figures.recall_drop(runs, b0, epsilons, budget_order)
 wide
 
 # %% tags=["hide-input"]
-drops = wide[[c for c in wide.columns if c.startswith("drop")]].reset_index().melt(
-    id_vars="class", var_name="budget", value_name="recall drop")
-fig, ax = plt.subplots(figsize=(7, 3.4))
-sns.barplot(data=drops, x="class", y="recall drop", hue="budget", ax=ax)
-ax.axhline(0, color="black", lw=0.8)
-ax.set_xlabel("")
-ax.set_ylabel("non-private recall − DP recall")
-fig.tight_layout()
+figures.recall_drop_figure(wide);
 
 # %% tags=["remove-cell"]
-drop_lo = wide[f"drop at ε = {e_lo:g}"]
+drop_lo = wide[f"drop at ε = {min(epsilons):g}"]
 glue("worst_class", str(drop_lo.idxmax()), display=False)
 glue("worst_drop", float(drop_lo.max()), display=False)
 glue("best_class", str(drop_lo.idxmin()), display=False)

@@ -65,7 +65,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from dpskin_core import CLASSES, RunConfig
+from dpskin_core import RunConfig, figures
 from dpskin_core.experiments import (glue, grid, method_label, recall_by_class, summary_table,
                                      sweep)
 
@@ -164,27 +164,7 @@ glue("ratio_hi", bacc("proposed", e_hi) / np_ref, display=False)
 # the better DP optimiser). Means over {glue:text}`n_seeds` seeds or more.
 
 # %% tags=["hide-input"]
-fig, ax = plt.subplots(figsize=(6.4, 4))
-models = list(parts)
-colors = dict(zip(models, sns.color_palette(n_colors=len(models))))
-for m in models:
-    sub = runs[runs["model"] == m]
-    if sub["dp"].astype(bool).any():
-        agg = sub.groupby("target_epsilon")["balanced_accuracy"].agg(["mean", "std", "count"])
-        ax.errorbar(agg.index, agg["mean"], yerr=agg["std"].fillna(0), marker="o", capsize=3,
-                    color=colors[m], label=f"{m} (n = {agg['count'].min()})")
-    else:
-        v = sub["balanced_accuracy"]
-        ax.axhline(v.mean(), color=colors[m], ls="--", lw=1.2, label=f"{m} (n = {len(v)})")
-ax.axhline(1 / len(CLASSES), color="grey", ls=":", lw=1, label="chance (1/7)")
-ax.set_xscale("log")
-ax.set_xticks(sorted(epsilons))
-ax.set_xticklabels([f"{e:g}" for e in sorted(epsilons)])
-ax.minorticks_off()
-ax.set_xlabel(f"ε (log scale), δ = {delta:g}")
-ax.set_ylabel("balanced accuracy (test)")
-ax.legend(fontsize=7, loc="best")
-fig.tight_layout()
+figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
 
 # %% [markdown]
 # ## Ablation: each component removed in turn

@@ -42,7 +42,7 @@ import pandas as pd
 import seaborn as sns
 from dpskin_core.experiments import glue
 
-from dpskin_core import CLASSES
+from dpskin_core import CLASSES, figures
 from dpskin_core.experiments import current_runs, method_label, recall_by_class, summary_table
 
 sns.set_theme(style="whitegrid", context="notebook")
@@ -97,30 +97,8 @@ dp = sub[sub["dp"].astype(bool)]
 npv = sub[~sub["dp"].astype(bool)]
 methods_dp = sorted(dp["method"].unique())
 methods_np = sorted(npv["method"].unique())
-colors = dict(zip(methods_dp + methods_np, sns.color_palette(n_colors=len(methods_dp) + len(methods_np))))
-fig, ax = plt.subplots(figsize=(6.4, 4))
-for m in methods_dp:
-    agg = dp[dp["method"] == m].groupby("target_epsilon")["balanced_accuracy"].agg(
-        ["mean", "std", "count"]).reset_index()
-    n = f"n = {agg['count'].min()}" if agg["count"].nunique() == 1 else \
-        f"n = {agg['count'].min()}–{agg['count'].max()}"
-    ax.errorbar(agg["target_epsilon"], agg["mean"], yerr=agg["std"].fillna(0), marker="o",
-                capsize=3, color=colors[m], label=f"{m} ({n})")
-for m in methods_np:
-    v = npv[npv["method"] == m]["balanced_accuracy"]
-    ax.axhline(v.mean(), color=colors[m], ls="--", lw=1.2, label=f"{m} (n = {len(v)})")
-    if len(v) > 1:
-        ax.axhspan(v.mean() - v.std(), v.mean() + v.std(), color=colors[m], alpha=0.12)
-ax.axhline(1 / len(CLASSES), color="grey", ls=":", lw=1, label="chance (1/7)")
-ax.set_xscale("log")
-ax.set_xticks(sorted(epsilons))
-ax.set_xticklabels([f"{e:g}" for e in sorted(epsilons)])
-ax.minorticks_off()
-ax.set_xlabel(f"ε (log scale), δ = {delta:g}")
-ax.set_ylabel("balanced accuracy (test)")
-ax.set_title(f"{b_main}, {dataset} at {image_size} px, {epochs} epochs")
-ax.legend(fontsize=8, loc="best")
-fig.tight_layout()
+figures.bacc_vs_eps_figure(sub.sort_values("dp", ascending=False), "method", epsilons, delta,
+                           f"{b_main}, {dataset} at {image_size} px, {epochs} epochs");
 
 # %% tags=["remove-cell"]
 def stat(method, eps):
