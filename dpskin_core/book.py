@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .errors import ConfigError, DpskinError
-from .experiments import Experiment, ExperimentRegistry, load_registry, to_json
+from .experiments import (ATTACK_SUMMARY, Experiment, ExperimentRegistry, load_registry,
+                          to_json)
 
 PathLike = Union[str, Path]
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +99,8 @@ def resolve_parameters(registry: ExperimentRegistry, exp: Experiment, profile: s
 
 
 def runs_fingerprint(runs_root: PathLike) -> List[str]:
-    """Sorted ids of the complete runs under ``runs_root`` (what an aggregating notebook reads)."""
+    """Sorted ids of the complete runs under ``runs_root`` (what an aggregating notebook reads),
+    then, when the attacks chapter has written its privacy table there, that file's digest."""
     root = Path(runs_root)
     if not root.is_dir():
         return []
@@ -112,6 +113,10 @@ def runs_fingerprint(runs_root: PathLike) -> List[str]:
                     ids.append(d.name)
             except (OSError, ValueError):
                 continue
+    summary = root / ATTACK_SUMMARY
+    if summary.is_file():
+        digest = hashlib.sha256(summary.read_bytes()).hexdigest()[:12]
+        ids.append(f"{ATTACK_SUMMARY.as_posix()}@{digest}")
     return ids
 
 

@@ -308,6 +308,17 @@ def current_runs(runs_root: PathLike, **filters: Any) -> pd.DataFrame:
     return runs.reset_index(drop=True)
 
 
+#: the privacy table the attacks chapter writes under a runs root (one row per attacked model)
+ATTACK_SUMMARY = Path("attacks") / "summary.csv"
+
+
+def read_attack_summary(runs_root: PathLike) -> Optional[pd.DataFrame]:
+    """The privacy table of ``runs_root`` (written by
+    :func:`dpskin_core.cards.write_attack_summary`), or None when no attacks ran there."""
+    path = Path(runs_root) / ATTACK_SUMMARY
+    return pd.read_csv(path) if path.is_file() else None
+
+
 def glue(name: str, value: Any, display: bool = False) -> None:
     """``myst_nb.glue`` with plain Python values (numpy scalars become int/float), so the book's
     ``{glue:text}`` roles can format them (``np.float64(0.5)`` is not parseable text)."""

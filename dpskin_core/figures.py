@@ -163,3 +163,130 @@ def recall_drop_figure(wide: pd.DataFrame):
     ax.set_ylabel("non-private recall − DP recall")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- privacy attacks
+def roc_figure(results: Dict[str, Dict[str, object]], fprs: Sequence[float] = (0.001, 0.01)):
+    """Membership-inference ROC curves on log-log axes, one panel per attack, one line per
+    model: ``results`` is ``{model: {attack: MIAResult}}`` (:mod:`dpskin_core.attacks`).
+
+    The FPR axis starts at the smallest measurable FPR (one false positive); points with a
+    zero coordinate cannot be drawn on log axes and are left out. Dotted: a random guess.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    attacks = list(dict.fromkeys(a for per in results.values() for a in per))
+    colors = dict(zip(results, sns.color_palette(n_colors=len(results))))
+    fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.7), squeeze=False)
+    lo = min(1.0 / r.n_nonmembers for per in results.values() for r in per.values())
+    for ax, attack in zip(axes[0], attacks):
+        for model, per in results.items():
+            if attack not in per:
+                continue
+            r = per[attack]
+            ok = (r.fpr > 0) & (r.tpr > 0)
+            ax.plot(r.fpr[ok], r.tpr[ok], color=colors[model], lw=1.3,
+                    label=f"{model} (AUC {r.auc:.2f})", drawstyle="steps-post")
+        ax.plot([lo, 1], [lo, 1], color="grey", ls=":", lw=1)
+        for f in fprs:
+            ax.axvline(f, color="grey", lw=0.6, alpha=0.5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, 1)
+        ax.set_ylim(lo, 1.05)
+        ax.set_title(attack)
+        ax.set_xlabel("false-positive rate")
+        ax.legend(fontsize=6, loc="lower right")
+    axes[0][0].set_ylabel("true-positive rate")
+    fig.tight_layout()
+    return fig
+
+
+def extraction_figure(table: pd.DataFrame):
+    """Fidelity and stolen balanced accuracy against the query budget: ``table`` has the
+    columns of :class:`dpskin_core.attacks.ExtractionResult` tables plus ``victim``, ``pool``."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    t = table.copy()
+    t["query pool"] = (t["pool"] + ", " + t["mode"]) if t["mode"].nunique() > 1 else t["pool"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, col, ylabel in ((axes[0], "fidelity", "fidelity (agreement with victim)"),
+                            (axes[1], "balanced_accuracy", "stolen balanced accuracy (test)")):
+        sns.lineplot(data=t, x="budget", y=col, hue="victim", style="query pool", marker="o",
+                     ax=ax, legend=ax is axes[1])
+        ax.set_xlabel("query budget (images)")
+        ax.set_ylabel(ylabel)
+        if t["budget"].max() / t["budget"].min() > 4:
+            ax.set_xscale("log")
+    axes[1].axhline(1 / len(CLASSES), color="grey", ls=":", lw=1)
+    axes[1].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(rows: Dict[str, np.ndarray], col_titles: Sequence[str], size: float = 1.3):
+    """Rows of images (each (K, H, W, 3) in [0, 1]), labelled on the left; column titles."""
+    import matplotlib.pyplot as plt
+
+    k = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), k, figsize=(size * k + 1.4, size * len(rows) + 0.5),
+                             squeeze=False)
+    for i, (name, ims) in enumerate(rows.items()):
+        for j in range(k):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            if j < len(ims):
+                ax.imshow(np.clip(ims[j], 0, 1), interpolation="nearest")
+            else:
+                ax.axis("off")
+            if i == 0 and j < len(col_titles):
+                ax.set_title(col_titles[j], fontsize=7)
+        axes[i][0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def audit_figure(table: pd.DataFrame):
+    """The one-run audit's eps lower bound (bars) against the accountant's eps (ticks) per
+    model; dashed: the largest bound the audit's guesses can prove. ``table`` has the columns
+    ``model``, ``ε lower bound``, ``ε (accountant)`` (inf: non-private), ``largest provable
+    bound``."""
+    import matplotlib.pyplot as plt
+
+    t = table.reset_index(drop=True)
+    y = np.arange(len(t))
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(t) + 1.3))
+    ax.barh(y, t["ε lower bound"], color="tab:red", alpha=0.7, label="ε lower bound (audit)")
+    finite = np.isfinite(t["ε (accountant)"])
+    ax.scatter(t.loc[finite, "ε (accountant)"], y[finite], marker="|", s=300, color="black",
+               label="ε (accountant)", zorder=3)
+    cap = float(t["largest provable bound"].max())
+    ax.axvline(cap, color="grey", ls="--", lw=1, label="largest provable bound")
+    for yi in y[~finite]:
+        ax.annotate("ε = ∞", (cap, yi), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize=7)
+    ax.set_yticks(y)
+    ax.set_yticklabels(t["model"], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ε")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+PRIVACY_COLUMNS = {"epsilon": "ε", "delta": "δ", "balanced_accuracy": "balanced accuracy",
+                   "mia_auc": "MIA AUC", "mia_tpr_at_fpr_0.001": "TPR @ 0.1 % FPR",
+                   "mia_tpr_at_fpr_0.01": "TPR @ 1 % FPR", "eps_lower_bound": "ε lower bound"}
+
+
+def privacy_table(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """The privacy table for display: one row per model (rows of
+    :func:`dpskin_core.cards.card_summary`), ε = ∞ for a non-private model."""
+    t = table.set_index("model")[list(PRIVACY_COLUMNS)].copy()
+    t["epsilon"] = t["epsilon"].astype(float).fillna(np.inf)
+    t["delta"] = [f"{d:g}" if pd.notna(d) else "" for d in t["delta"]]
+    return t.rename(columns=PRIVACY_COLUMNS).round(digits)

@@ -40,10 +40,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from dpskin_core.experiments import glue
+from IPython.display import Markdown, display
 
 from dpskin_core import CLASSES, figures
-from dpskin_core.experiments import current_runs, method_label, recall_by_class, summary_table
+from dpskin_core.experiments import glue
+from dpskin_core.experiments import (current_runs, method_label, read_attack_summary,
+                                     recall_by_class, summary_table)
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)
@@ -82,6 +84,25 @@ achieved = runs.groupby(["backbone", "method", "ε"])["epsilon"].max().rename("m
 table = table.join(achieved, on=["backbone", "method", "ε"])
 table = table.sort_values(["backbone", "ε", "method"], ascending=[True, False, True])
 table.set_index(["backbone", "method", "ε"]).round({"max achieved ε": 3})
+
+# %% [markdown]
+# ## Privacy under attack
+#
+# What the guarantees mean against real attacks, from chapter {doc}`05_attacks` (its privacy
+# cards): per attacked model, its $\varepsilon$ and $\delta$, its balanced accuracy (trained
+# on half of the attack pool, so below the table above), the strongest membership-inference
+# attack's ROC AUC (0.5: a random guess) and true-positive rate at 0.1 % false positives, and
+# the lower bound on $\varepsilon$ of a one-run canary audit, which must not exceed the
+# accountant's $\varepsilon$.
+
+# %% tags=["hide-input"]
+privacy = read_attack_summary(runs_root)
+if privacy is None:
+    display(Markdown(f"*No attack results in `{runs_root}` yet: the attacks chapter has not been "
+                     "executed for this profile (`dpskin book --only 05_attacks`).*"))
+else:
+    display(figures.privacy_table(privacy)[["ε", "δ", "balanced accuracy", "MIA AUC",
+                                            "TPR @ 0.1 % FPR", "ε lower bound"]])
 
 # %% [markdown]
 # ## Balanced accuracy against ε
