@@ -7,7 +7,14 @@ Public entry points::
 """
 from __future__ import annotations
 
+import warnings
+
 __version__ = "0.1.0"
+
+# In Jupyter without ipywidgets, tqdm.auto falls back to text progress bars and says so with a
+# TqdmWarning on import; the fallback is what we want (executed notebooks keep plain text), so
+# that one message is silenced.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 from .config import RunConfig  # noqa: E402
 from .constants import CLASSES, NUM_CLASSES  # noqa: E402

@@ -10,9 +10,11 @@ returns one row per run read back from the run records.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -176,6 +178,24 @@ def grid(**axes: Sequence[Any]) -> List[Dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
 
 
+#: warnings of the libraries that are expected in every DP run and say nothing about it:
+#: Opacus' backward hook on a first layer whose input needs no gradient; the RDP accountant
+#: at its largest order and the PRV accountant's log(0) at sampling rate 1 (the proposed
+#: technique's one-off histogram release is a step with q = 1).
+BENIGN_WARNINGS = ("Full backward hook is firing", "Optimal order is the largest alpha",
+                   "divide by zero encountered in log")
+
+
+@contextlib.contextmanager
+def benign_warnings_silenced():
+    """Silence :data:`BENIGN_WARNINGS` (only those) inside the block, so a notebook's output
+    shows the warnings that matter."""
+    with warnings.catch_warnings():
+        for msg in BENIGN_WARNINGS:
+            warnings.filterwarnings("ignore", message=msg)
+        yield
+
+
 def sweep(base: Union[RunConfig, Mapping[str, Any]], points: Iterable[Mapping[str, Any]],
           runs_root: PathLike, *, verbose: bool = True) -> pd.DataFrame:
     """Run ``base`` updated by each point of ``points``; one row per run (as ``load_runs``).
@@ -194,7 +214,8 @@ def sweep(base: Union[RunConfig, Mapping[str, Any]], points: Iterable[Mapping[st
     for i, point in enumerate(points, 1):
         cfg = base_cfg.replace(**dict(point))
         t = time.perf_counter()
-        res = run(cfg, runs_root)
+        with benign_warnings_silenced():
+            res = run(cfg, runs_root)
         ids.append(res.run_id)
         if verbose:
             what = ", ".join(f"{k}={v}" for k, v in point.items())
