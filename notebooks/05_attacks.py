@@ -41,6 +41,7 @@ attack_models = ["non-private", "DP-SGD", "proposed"]
 attack_pool_size = 400
 attack_epochs = 3
 overfit_epochs = None
+overfit_batch_size = None
 attack_accountant = "rdp"
 n_shadows = 2
 mia_views = 1
@@ -120,7 +121,8 @@ attack_root = Path(runs_root) / "attacks"
 # (SGD, class-weighted loss), DP-SGD of {doc}`02_dp_sgd` (and DP-Adam of {doc}`03_dp_adam`
 # where the profile attacks it) and the proposed technique of {doc}`04_proposed`, at every
 # budget of the profile. Where the profile attacks it, a second non-private model drops the
-# flips and rotations and may train for more epochs (`overfit_epochs`): it fits its training
+# flips and rotations and may take more and smaller steps (`overfit_epochs`,
+# `overfit_batch_size`): it fits its training
 # images more closely, as a non-private model trained to convergence would. The models are trained here on the pool
 # halves, so their balanced accuracy is lower than that of the same recipe on the whole
 # training split.
@@ -142,7 +144,8 @@ recipes = {
     "non-private (no augmentation)": e2e.replace(optimizer="sgd", lr=lr_sgd,
                                                  class_weights=class_weights,
                                                  augment_flips=False, augment_rot90=False,
-                                                 epochs=overfit_epochs or e2e.epochs),
+                                                 epochs=overfit_epochs or e2e.epochs,
+                                                 batch_size=overfit_batch_size or batch_size),
     "DP-SGD": e2e.replace(dp=True, target_epsilon=epsilons[0], optimizer="sgd", lr=lr_dp_sgd,
                           accountant=attack_accountant),
     "DP-Adam": e2e.replace(dp=True, target_epsilon=epsilons[0], optimizer="adam", lr=lr_dp_adam,
