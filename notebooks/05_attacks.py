@@ -42,6 +42,7 @@ attack_pool_size = 400
 attack_epochs = 3
 overfit_epochs = None
 overfit_batch_size = None
+overfit_optimizer = "sgd"
 attack_accountant = "rdp"
 n_shadows = 2
 mia_views = 1
@@ -121,8 +122,8 @@ attack_root = Path(runs_root) / "attacks"
 # (SGD, class-weighted loss), DP-SGD of {doc}`02_dp_sgd` (and DP-Adam of {doc}`03_dp_adam`
 # where the profile attacks it) and the proposed technique of {doc}`04_proposed`, at every
 # budget of the profile. Where the profile attacks it, a second non-private model drops the
-# flips and rotations and may take more and smaller steps (`overfit_epochs`,
-# `overfit_batch_size`): it fits its training
+# flips and rotations and may take more and smaller steps, with another optimiser
+# (`overfit_epochs`, `overfit_batch_size`, `overfit_optimizer`): it fits its training
 # images more closely, as a non-private model trained to convergence would. The models are trained here on the pool
 # halves, so their balanced accuracy is lower than that of the same recipe on the whole
 # training split.
@@ -141,7 +142,8 @@ prop_bs = min(proposed_batch_size,
               max(1, round(proposed_batch_size * (pool_n // 2) / len(data.y_train))))
 recipes = {
     "non-private": e2e.replace(optimizer="sgd", lr=lr_sgd, class_weights=class_weights),
-    "non-private (no augmentation)": e2e.replace(optimizer="sgd", lr=lr_sgd,
+    "non-private (no augmentation)": e2e.replace(optimizer=overfit_optimizer,
+                                                 lr=lr_adam if overfit_optimizer == "adam" else lr_sgd,
                                                  class_weights=class_weights,
                                                  augment_flips=False, augment_rot90=False,
                                                  epochs=overfit_epochs or e2e.epochs,
