@@ -104,6 +104,27 @@ else:
     display(figures.privacy_table(privacy)[["ε", "δ", "balanced accuracy", "MIA AUC",
                                             "TPR @ 0.1 % FPR", "ε lower bound"]])
 
+# %% tags=["remove-cell"]
+# the summary chapter's sentences: the most exposed non-private model (highest MIA AUC), the
+# range over the private ones, and whether every audit bound stays below its accountant's eps
+nan = float("nan")
+if privacy is not None and (~privacy["dp"].astype(bool)).any():
+    npv = privacy[~privacy["dp"].astype(bool)].sort_values("mia_auc", ascending=False).iloc[0]
+    glue("leak_np_model", str(npv["model"]), display=False)
+    for k in ("mia_auc", "mia_tpr_at_fpr_0.001", "eps_lower_bound"):
+        glue(f"leak_np_{k.replace('.', '_')}", float(npv[k]), display=False)
+else:
+    glue("leak_np_model", "(none attacked)", display=False)
+    for k in ("mia_auc", "mia_tpr_at_fpr_0_001", "eps_lower_bound"):
+        glue(f"leak_np_{k}", nan, display=False)
+dpv = privacy[privacy["dp"].astype(bool)] if privacy is not None else None
+has_dp = dpv is not None and len(dpv) > 0
+glue("leak_dp_auc_min", float(dpv["mia_auc"].min()) if has_dp else nan, display=False)
+glue("leak_dp_auc_max", float(dpv["mia_auc"].max()) if has_dp else nan, display=False)
+glue("leak_dp_lb_max", float(dpv["eps_lower_bound"].max()) if has_dp else nan, display=False)
+glue("leak_dp_valid", ("every" if (dpv["eps_lower_bound"] <= dpv["epsilon"]).all() else "NOT every")
+     if has_dp else "no", display=False)
+
 # %% [markdown]
 # ## Balanced accuracy against ε
 #
