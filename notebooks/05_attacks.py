@@ -84,12 +84,6 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars (image generation, decoding)
-# benign warnings of the libraries, at every DP step: Opacus' hooks on a first layer whose
-# input needs no gradient, and the accountants' numerics at large sampling rates
-warnings.filterwarnings("ignore", message="Full backward hook is firing")
-warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-warnings.filterwarnings("ignore", message="divide by zero encountered in log")
-warnings.filterwarnings("ignore", message="IProgress not found")
 
 import numpy as np
 import pandas as pd
@@ -98,8 +92,13 @@ import torch
 
 from dpskin_core import CLASSES, RunConfig, attacks, audit, cards, figures, reconstruct
 from dpskin_core.data import load_data
-from dpskin_core.experiments import glue
+from dpskin_core.experiments import BENIGN_WARNINGS, glue
 from dpskin_core.train import data_spec
+
+# the library warnings every DP run emits (the list sweeps silence too); here for the whole
+# chapter, whose attacks train outside a sweep
+for message in BENIGN_WARNINGS:
+    warnings.filterwarnings("ignore", message=message)
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)

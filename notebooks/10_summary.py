@@ -42,7 +42,7 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from dpskin_core import CLASSES, figures
+from dpskin_core import figures
 from dpskin_core.experiments import glue
 from dpskin_core.experiments import (current_runs, method_label, read_attack_summary,
                                      recall_by_class, summary_table)
