@@ -18,8 +18,10 @@ failed.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +41,10 @@ RESULTS_DIR = Path("book") / "results"     # executed notebooks + execution reco
 STAGING_DIR = Path("_build") / "notebooks"  # jupytext -> ipynb inputs of papermill
 BUILD_HTML = Path("_build") / "html"
 KERNEL = "python3"
+# The kernels draw figures with IPython's inline backend whatever the caller's environment says:
+# a ``MPLBACKEND=Agg`` set by a CI machine or a shell profile is inherited by the kernel, and
+# under Agg ``plt.show()`` draws nothing, so the book would lose its figures without an error.
+KERNEL_MPLBACKEND = "module://matplotlib_inline.backend_inline"
 
 
 class BookError(DpskinError):
@@ -46,6 +52,20 @@ class BookError(DpskinError):
 
 
 # --------------------------------------------------------------------------- notebooks
+@contextlib.contextmanager
+def kernel_environment():
+    """Set the environment the papermill kernels inherit (see KERNEL_MPLBACKEND); restore it."""
+    old = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = KERNEL_MPLBACKEND
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = old
+
+
 def _parameters_cell(nb: Any, path: Path) -> Any:
     for cell in nb.cells:
         if cell.cell_type == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
@@ -220,8 +240,10 @@ def execute_experiment(exp: Experiment, parameters: Dict[str, Any], root: PathLi
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(staged), str(out), parameters=parameters, kernel_name=KERNEL,
-                            cwd=str(root), log_output=log_output, progress_bar=False)
+        with kernel_environment():
+            pm.execute_notebook(str(staged), str(out), parameters=parameters,
+                                kernel_name=KERNEL, cwd=str(root), log_output=log_output,
+                                progress_bar=False)
     except Exception as exc:  # noqa: BLE001 - any failure is reported, the others go on
         wall = time.perf_counter() - t0
         msg = _papermill_error(exc)

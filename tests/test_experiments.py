@@ -215,6 +215,25 @@ def test_runner_rejects_an_undeclared_experiment_parameter(tmp_path):
         run_book("laptop", root=tmp_path, build=False, say=lines.append)
 
 
+def test_runner_draws_figures_even_when_the_caller_sets_mplbackend_agg(tmp_path, monkeypatch):
+    """CI machines often export MPLBACKEND=Agg; the kernels inherit it and plt.show() then
+    draws nothing. The runner must give the kernels the inline backend and restore the caller's."""
+    import nbformat
+
+    _fake_book(tmp_path)
+    (tmp_path / "notebooks" / "c.py").write_text(
+        '# %% tags=["parameters"]\nx = 0\n\n# %%\nimport matplotlib.pyplot as plt\n'
+        'plt.plot([0, x])\nplt.show()\n')
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    rep = _run(tmp_path, [], code_version="v1", only=["c"])
+    assert rep.ok, rep.failed
+    nb = nbformat.read(tmp_path / "book" / "results" / "c.ipynb", as_version=4)
+    kinds = [k for c in nb.cells for o in c.get("outputs", []) for k in o.get("data", {})]
+    assert "image/png" in kinds
+    import os
+    assert os.environ["MPLBACKEND"] == "Agg"
+
+
 def test_cli_book_exits_nonzero_when_a_notebook_fails(tmp_path, monkeypatch):
     from dpskin_core import book, cli
 
