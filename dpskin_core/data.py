@@ -301,16 +301,18 @@ def _isic2018(spec: DataSpec) -> DataBundle:
     return load_official_layout(Path(root), spec, "isic2018")
 
 
-@DATASETS.register("synthetic")
-def _synthetic(spec: DataSpec) -> DataBundle:
-    """The embedded dataset: generated once into the cache (seed 0), then read like real data."""
-    from .synth import GENERATOR_VERSION, generate
+def generated_synthetic(name: str, n: int, size: int, seed: int,
+                        cache_dir: Optional[str] = None) -> Path:
+    """The folder ``<cache>/<name>`` holding ``n`` images of :func:`dpskin_core.synth.generate`
+    (``size`` px, ``seed``) in the official layout, generated on the first call only.
 
-    # rendered at 64 px (enough for the usual 32 px runs); larger runs get larger renders
-    gen_size = max(64, int(spec.image_size))
-    name = f"synthetic_n{spec.synth_n}_seed0_v{GENERATOR_VERSION}" + (
-        f"_s{gen_size}" if gen_size != 64 else "")
-    root = cache_root(spec.cache_dir) / name
+    Written into a temporary sibling and renamed into place, so a reader sees all of it or
+    nothing, an interrupted call leaves no folder marked complete, and of two concurrent calls the
+    second finds the first's folder.
+    """
+    from .synth import generate
+
+    root = cache_root(cache_dir) / name
     if not (root / ".complete").is_file():
         import shutil
         import tempfile
@@ -318,7 +320,7 @@ def _synthetic(spec: DataSpec) -> DataBundle:
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".synth-"))
         try:
-            generate(tmp, n=spec.synth_n, size=gen_size, seed=0)
+            generate(tmp, n=n, size=size, seed=seed)
             (tmp / ".complete").write_text("ok\n")
             if root.exists() and not (root / ".complete").is_file():
                 shutil.rmtree(root)  # half-written by an older, interrupted version
@@ -329,6 +331,19 @@ def _synthetic(spec: DataSpec) -> DataBundle:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+@DATASETS.register("synthetic")
+def _synthetic(spec: DataSpec) -> DataBundle:
+    """The embedded dataset: generated once into the cache (seed 0), then read like real data."""
+    from .synth import GENERATOR_VERSION
+
+    # rendered at 64 px (enough for the usual 32 px runs); larger runs get larger renders
+    gen_size = max(64, int(spec.image_size))
+    name = f"synthetic_n{spec.synth_n}_seed0_v{GENERATOR_VERSION}" + (
+        f"_s{gen_size}" if gen_size != 64 else "")
+    root = generated_synthetic(name, spec.synth_n, gen_size, 0, spec.cache_dir)
     return load_official_layout(root, spec, "synthetic")
 
 

@@ -16,7 +16,6 @@ balanced accuracy on labelled test images. Registered as the ``copycat`` attack 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -131,29 +130,14 @@ def synthetic_pool(n: int, image_size: int, cache_dir: Optional[str] = None,
 
     Generated once into the image cache (``cache_dir``: see :mod:`dpskin_core.imagecache`).
     """
-    import os
-    import shutil
-    import tempfile
-
-    from .data import DataSpec, load_official_layout
-    from .imagecache import cache_root
-    from .synth import GENERATOR_VERSION, generate
+    from .data import DataSpec, generated_synthetic, load_official_layout
+    from .synth import GENERATOR_VERSION
 
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ConfigError(f"n must be a positive int, got {n!r}")
     gen_size = max(64, int(image_size))
-    name = f"synthetic_pool_n{n}_seed{seed}_v{GENERATOR_VERSION}_s{gen_size}"
-    root = cache_root(cache_dir) / name
-    if not (root / ".complete").is_file():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".pool-"))
-        try:
-            generate(tmp, n=int(n), size=gen_size, seed=int(seed))
-            (tmp / ".complete").write_text("ok\n")
-            shutil.rmtree(root, ignore_errors=True)  # half-written by an interrupted call
-            os.replace(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    root = generated_synthetic(f"synthetic_pool_n{n}_seed{seed}_v{GENERATOR_VERSION}_s{gen_size}",
+                               int(n), gen_size, int(seed), cache_dir)
     b = load_official_layout(root, DataSpec(dataset="synthetic", image_size=int(image_size),
                                             cache_dir=cache_dir, synth_n=int(n)), "synthetic pool")
     return np.concatenate([b.x_train, b.x_val, b.x_test])

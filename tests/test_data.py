@@ -315,6 +315,22 @@ def test_synthetic_dataset_is_cached_and_readable(tmp_path, monkeypatch):
                 .meta.split.to_numpy() == b.meta.split.to_numpy()).all()
 
 
+def test_generated_synthetic_replaces_a_half_written_folder_and_reuses_a_complete_one(
+        tmp_path, monkeypatch):
+    from dpskin_core import synth
+    from dpskin_core.data import generated_synthetic
+
+    half = tmp_path / "pool"
+    half.mkdir()
+    (half / "stale.jpg").write_bytes(b"torn")  # an interrupted generation: no .complete
+    root = generated_synthetic("pool", 40, 16, seed=3, cache_dir=str(tmp_path))
+    assert root == half and (root / ".complete").is_file() and not (root / "stale.jpg").exists()
+    assert len(list((root / "ISIC2018_Task3_Training_Input").glob("*.jpg"))) == 40
+    assert not list(tmp_path.glob(".synth-*"))  # no temporary folder left behind
+    monkeypatch.setattr(synth, "generate", _boom)  # complete: never generated again
+    assert generated_synthetic("pool", 40, 16, seed=3, cache_dir=str(tmp_path)) == root
+
+
 def test_real_data_csvs_and_split(shared_data):
     df = read_isic2018(shared_data)
     counts = df.label.map(dict(enumerate(CLASSES))).value_counts().to_dict()
