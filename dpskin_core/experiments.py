@@ -186,13 +186,18 @@ BENIGN_WARNINGS = ("Full backward hook is firing", "Optimal order is the largest
                    "divide by zero encountered in log")
 
 
+def silence_benign_warnings() -> None:
+    """Silence :data:`BENIGN_WARNINGS` (only those) from now on, so a notebook's output shows
+    the warnings that matter; :func:`benign_warnings_silenced` does it for one block."""
+    for msg in BENIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=msg)
+
+
 @contextlib.contextmanager
 def benign_warnings_silenced():
-    """Silence :data:`BENIGN_WARNINGS` (only those) inside the block, so a notebook's output
-    shows the warnings that matter."""
+    """Silence :data:`BENIGN_WARNINGS` (only those) inside the block."""
     with warnings.catch_warnings():
-        for msg in BENIGN_WARNINGS:
-            warnings.filterwarnings("ignore", message=msg)
+        silence_benign_warnings()
         yield
 
 

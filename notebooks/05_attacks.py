@@ -80,7 +80,6 @@ audit_canaries = 100
 
 # %% tags=["remove-cell"]
 import os
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars (image generation, decoding)
@@ -92,13 +91,12 @@ import torch
 
 from dpskin_core import CLASSES, RunConfig, attacks, audit, cards, figures, reconstruct
 from dpskin_core.data import load_data
-from dpskin_core.experiments import BENIGN_WARNINGS, glue
+from dpskin_core.experiments import glue, silence_benign_warnings
 from dpskin_core.train import data_spec
 
-# the library warnings every DP run emits (the list sweeps silence too); here for the whole
-# chapter, whose attacks train outside a sweep
-for message in BENIGN_WARNINGS:
-    warnings.filterwarnings("ignore", message=message)
+# the library warnings every DP run emits (those sweeps silence); here for the whole chapter,
+# whose attacks train outside a sweep
+silence_benign_warnings()
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)
@@ -123,9 +121,9 @@ attack_root = Path(runs_root) / "attacks"
 # budget of the profile. Where the profile attacks it, a second non-private model drops the
 # flips and rotations and may take more and smaller steps, with another optimiser
 # (`overfit_epochs`, `overfit_batch_size`, `overfit_optimizer`): it fits its training
-# images more closely, as a non-private model trained to convergence would. The models are trained here on the pool
-# halves, so their balanced accuracy is lower than that of the same recipe on the whole
-# training split.
+# images more closely, as a non-private model trained to convergence would. The models are
+# trained here on the pool halves, so their balanced accuracy is lower than that of the same
+# recipe on the whole training split.
 
 # %% tags=["hide-output"]
 common = dict(dataset=dataset, data_root=data_root, synth_n=synth_n, image_size=image_size,

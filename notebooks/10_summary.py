@@ -43,8 +43,7 @@ import seaborn as sns
 from IPython.display import Markdown, display
 
 from dpskin_core import figures
-from dpskin_core.experiments import glue
-from dpskin_core.experiments import (current_runs, method_label, read_attack_summary,
+from dpskin_core.experiments import (current_runs, glue, method_label, read_attack_summary,
                                      recall_by_class, summary_table)
 
 sns.set_theme(style="whitegrid", context="notebook")

@@ -245,6 +245,21 @@ def test_cli_book_exits_nonzero_when_a_notebook_fails(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- helpers
+def test_benign_warnings_are_silenced_and_no_others():
+    import warnings
+
+    from dpskin_core.experiments import benign_warnings_silenced
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with benign_warnings_silenced():
+            warnings.warn("Full backward hook is firing when gradients are computed")
+            warnings.warn("the learning rate is too large")
+        warnings.warn("Optimal order is the largest alpha")  # outside the block: shown again
+    assert [str(w.message) for w in seen] == ["the learning rate is too large",
+                                              "Optimal order is the largest alpha"]
+
+
 def test_grid_and_mean_std():
     import pandas as pd
 
