@@ -216,8 +216,11 @@ def test_runner_rejects_an_undeclared_experiment_parameter(tmp_path):
 
 
 def test_runner_draws_figures_even_when_the_caller_sets_mplbackend_agg(tmp_path, monkeypatch):
-    """CI machines often export MPLBACKEND=Agg; the kernels inherit it and plt.show() then
-    draws nothing. The runner must give the kernels the inline backend and restore the caller's."""
+    """A CI machine or a shell profile may export MPLBACKEND=Agg; the kernels inherit it and
+    plt.show() then draws nothing. The runner must give the kernels the inline backend and
+    restore the caller's."""
+    import os
+
     import nbformat
 
     _fake_book(tmp_path)
@@ -230,7 +233,6 @@ def test_runner_draws_figures_even_when_the_caller_sets_mplbackend_agg(tmp_path,
     nb = nbformat.read(tmp_path / "book" / "results" / "c.ipynb", as_version=4)
     kinds = [k for c in nb.cells for o in c.get("outputs", []) for k in o.get("data", {})]
     assert "image/png" in kinds
-    import os
     assert os.environ["MPLBACKEND"] == "Agg"
 
 
