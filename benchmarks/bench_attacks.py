@@ -10,10 +10,12 @@ for an empirical eps lower bound. Each target and audit run gets a ``privacy_car
     DPSKIN_CACHE=/tmp/dpc python benchmarks/bench_attacks.py --quick          # minutes
     DPSKIN_CACHE=/tmp/dpc python benchmarks/bench_attacks.py --n-shadows 8    # hours on CPU
 
-Two non-private models: ``nonprivate`` is the recipe of bench_proposed.py (Adam, 15 epochs,
-flips/rot90 augmentation, balanced class weights); ``nonprivate-overfit`` drops augmentation
-and trains 40 epochs, as a non-private baseline trained to convergence would. Report both:
-the second is there in case the first's leak is not measurable.
+The attacked models are the attack recipes of the book (``attack/*`` in
+``dpskin_core.training.recipes``, by the labels of ``ATTACK_MODELS``), built from a profile of
+``experiments.yml`` (default ``cpu``). Two non-private models: ``non-private`` (the SGD
+baseline) and ``non-private (no augmentation)``, which fits its training images as a
+non-private baseline trained to convergence would. Report both: the second is there in case
+the first's leak is not measurable.
 """
 from __future__ import annotations
 
@@ -23,14 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-MODELS = {
-    "nonprivate": dict(dp=False, optimizer="adam", lr=1e-3, batch_size=64, epochs=15,
-                       class_weights="balanced"),
-    "nonprivate-overfit": dict(dp=False, optimizer="adam", lr=1e-3, batch_size=64, epochs=40,
-                               augment_flips=False, augment_rot90=False),
-    "dp-sgd": dict(dp=True, optimizer="sgd", lr=1.0, batch_size=256, epochs=10),
-}
 
 
 def relative(path: Path, root: str) -> str:
@@ -55,16 +49,18 @@ def subsample(data, train_size, eval_size, seed: int = 0):
 def main() -> None:
     import torch
 
-    from dpskin_core import RunConfig, attacks, audit, cards
-    from dpskin_core.data import DataSpec, load_data
+    from dpskin_core import attacks
+    from dpskin_core.attacks import audit, cards
+    from dpskin_core.book.registry import profile_params
+    from dpskin_core.data import load_data
+    from dpskin_core.training.recipes import ATTACK_MODELS, RECIPES
+    from dpskin_core.training.trainer import data_spec
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2]
-                                              / "shared/data/isic2018_task3_200x150"))
-    p.add_argument("--models", default="nonprivate,nonprivate-overfit,dp-sgd")
-    p.add_argument("--eps", default="1,3,8", help="target eps of the DP models")
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--backbone", default="smallcnn")
+    p.add_argument("--profile", default="cpu", help="profile of experiments.yml")
+    p.add_argument("--models", default="non-private,non-private (no augmentation),DP-SGD",
+                   help=f"comma list of: {', '.join(ATTACK_MODELS)}")
+    p.add_argument("--eps", default=None, help="target eps of the DP models (default: the profile's)")
     p.add_argument("--n-shadows", type=int, default=8)
     p.add_argument("--views", type=int, default=2, help="dihedral query views per example")
     p.add_argument("--canaries", type=int, default=500, help="m of the one-run audit")
@@ -84,11 +80,10 @@ def main() -> None:
         args.runs = args.runs + "-quick"
         args.out = str(Path(args.out).with_name(Path(args.out).stem + "_quick.csv"))
     torch.set_num_threads(args.threads)
-
-    base = dict(dataset="isic2018", data_root=args.data_root, image_size=32, eval_split="test",
-                backbone=args.backbone, delta=args.delta, progress=False, num_threads=args.threads)
+    P = profile_params(args.profile, {"num_threads": args.threads})
+    eps_list = [float(x) for x in args.eps.split(",")] if args.eps else list(P.epsilons)
     t0 = time.perf_counter()
-    data = load_data(DataSpec(dataset="isic2018", data_root=args.data_root, image_size=32))
+    data = load_data(data_spec(RECIPES.get("attack/nonprivate").config(P, seed=0)))
     if args.train_size or args.eval_size:
         data = subsample(data, args.train_size, args.eval_size)
     print(f"data: {len(data.y_train)} train / {len(data.y_test)} test images "
@@ -96,17 +91,18 @@ def main() -> None:
 
     plan = []
     for name in args.models.split(","):
-        if name not in MODELS:
-            raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-        over = dict(MODELS[name])
-        over["epochs"] = max(1, round(over["epochs"] * args.epochs_scale))
-        for e in ([float(x) for x in args.eps.split(",")] if over["dp"] else [None]):
-            plan.append((name, over, e))
+        if name not in ATTACK_MODELS:
+            raise SystemExit(f"unknown model {name!r}; known: {', '.join(ATTACK_MODELS)}")
+        recipe = RECIPES.get(ATTACK_MODELS[name])
+        for e in (eps_list if recipe.private else [None]):
+            cfg = recipe.config(P, n_train=len(data.y_train), seed=0,
+                                **({"target_epsilon": e} if e is not None else {}))
+            cfg = cfg.replace(name=f"{name} eps={e}", eval_split="test",
+                              epochs=max(1, round(cfg.epochs * args.epochs_scale)))
+            plan.append((name, cfg, e))
 
     rows = []
-    for name, over, e in plan:
-        cfg = RunConfig(**base, **over, name=f"{name} eps={e}",
-                        **({"target_epsilon": e} if e is not None else {}))
+    for name, cfg, e in plan:
         t = time.perf_counter()
         exp = attacks.membership_experiment(cfg, data, args.runs, n_shadows=args.n_shadows,
                                             views=args.views)

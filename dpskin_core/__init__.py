@@ -4,6 +4,12 @@ Public entry points::
 
     from dpskin_core import RunConfig, run
     result = run(RunConfig(dp=True, target_epsilon=8.0, epochs=3))
+
+Subpackages, lowest layer first (a layer imports only the layers before it; a test checks it):
+``data`` (files, splits, decoding, synthetic data, downloads) -> ``training`` (config, privacy
+math, backbones, front ends, technique, ``run``, run records, recipes) -> ``attacks``
+(membership inference, extraction, reconstruction, audit, privacy cards) -> ``book`` (the
+experiment registry, sweeps, tables, figures, the notebook runner) -> ``cli``.
 """
 from __future__ import annotations
 
@@ -16,17 +22,10 @@ __version__ = "0.1.0"
 # that one message is silenced.
 warnings.filterwarnings("ignore", message="IProgress not found")
 
-from .config import RunConfig  # noqa: E402
 from .constants import CLASSES, NUM_CLASSES  # noqa: E402
 from .errors import ConfigError, DataError, DownloadError, DpskinError, UnknownNameError  # noqa: E402
+from .training import RunConfig, RunResult, run  # noqa: E402
 
 
-def run(config, runs_root=None, **kwargs):
-    """Train and evaluate one configuration; see :func:`dpskin_core.train.run`."""
-    from .train import run as _run
-
-    return _run(config, runs_root, **kwargs)
-
-
-__all__ = ["RunConfig", "run", "CLASSES", "NUM_CLASSES", "ConfigError", "DataError",
+__all__ = ["RunConfig", "RunResult", "run", "CLASSES", "NUM_CLASSES", "ConfigError", "DataError",
            "DownloadError", "DpskinError", "UnknownNameError", "__version__"]

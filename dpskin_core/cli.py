@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .data.download import DOWNLOADS
 from .errors import DpskinError
 
 
@@ -36,8 +37,7 @@ def parse_overrides(items: List[str]) -> Dict[str, object]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import RunConfig
-    from .train import run
+    from .training import RunConfig, run
 
     base = RunConfig.from_file(args.config).to_dict() if args.config else {}
     cfg = RunConfig.from_dict({**base, **parse_overrides(args.set)})
@@ -53,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
-    from .results import load_runs
+    from .training.records import load_runs
 
     df = load_runs(args.runs)
     if df.empty:
@@ -66,7 +66,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import generate
+    from .data.synth import generate
 
     size = tuple(int(v) for v in args.size.split("x")) if "x" in args.size else int(args.size)
     out = generate(Path(args.out), n=args.n, size=size, seed=args.seed)
@@ -75,7 +75,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from .download import download
+    from .data.download import download
 
     out = download(args.name, Path(args.dest), base_url=args.base_url, subsets=args.subsets)
     print(f"{args.name} is ready in {out}")
@@ -83,7 +83,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_book(args: argparse.Namespace) -> int:
-    from .book import run_book
+    from .book.runner import run_book
 
     report = run_book(args.profile, only=args.only or None, build=not args.no_build,
                       force=args.force)
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_synth)
 
     dl = sub.add_parser("download", help="fetch official files, verify checksums, unpack")
-    dl.add_argument("name", choices=["isic2018", "dermamnist"])
+    dl.add_argument("name", choices=DOWNLOADS.names())
     dl.add_argument("--dest", required=True, help="folder to download into")
     dl.add_argument("--base-url", default=None, help="mirror replacing the official host")
     dl.add_argument("--subsets", default=None,

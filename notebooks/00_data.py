@@ -12,12 +12,11 @@
 # ---
 
 # %% tags=["parameters"]
-# Parameters (papermill injects the profile's values after this cell; see experiments.yml).
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them, e.g.
+# {"epochs": 2, "seeds": [0]}.
 profile = "smoke"
-dataset = "synthetic"
-data_root = None
-synth_n = 1200
-image_size = 32
+overrides = {}
 
 # %% [markdown]
 # # The data
@@ -34,20 +33,23 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from dpskin_core.experiments import glue
 from PIL import Image
 
 from dpskin_core import CLASSES
+from dpskin_core.book.registry import profile_params
+from dpskin_core.book.tables import glue
 from dpskin_core.constants import HAM10000_COUNTS
 from dpskin_core.data import DataSpec, class_counts, load_data
-from dpskin_core.imagecache import crop_resize
+from dpskin_core.data.imagecache import crop_resize
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)
+P = profile_params(profile, overrides)
+dataset, image_size = P.dataset, P.image_size
 
 # %%
-data = load_data(DataSpec(dataset=dataset, data_root=data_root, image_size=image_size,
-                          synth_n=synth_n))
+data = load_data(DataSpec(dataset=P.dataset, data_root=P.data_root, image_size=P.image_size,
+                          synth_n=P.synth_n))
 meta = data.meta.assign(diagnosis=data.meta["label"].map(dict(enumerate(CLASSES))))
 root = Path(data.info["root"])
 print(f"profile {profile}: dataset {dataset!r} from {root}, {len(meta)} images at "

@@ -12,22 +12,12 @@
 # ---
 
 # %% tags=["parameters"]
-# Parameters (papermill injects the profile's values after this cell; see experiments.yml).
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them, e.g.
+# {"epochs": 2, "seeds": [0]}.
 profile = "smoke"
-runs_root = "runs/smoke"
-dataset = "synthetic"
-data_root = None
-synth_n = 1200
-image_size = 32
-backbones = ["smallcnn_fast"]
+overrides = {}
 optimizers = ["sgd", "adam"]
-seeds = [0, 1]
-epochs = 8
-batch_size = 64
-lr_sgd = 0.05
-lr_adam = 0.002
-num_threads = None
-class_weights = "balanced"
 
 # %% [markdown]
 # # Non-private baseline
@@ -44,16 +34,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from dpskin_core.experiments import glue
 
-from dpskin_core import CLASSES, RunConfig
-from dpskin_core.experiments import (grid, method_label, recall_by_class, summary_table,
-                                     sweep)
-from dpskin_core.metrics import confusion_matrix
-from dpskin_core.results import load_metrics, load_predictions
+from dpskin_core import CLASSES
+from dpskin_core.book.registry import profile_params
+from dpskin_core.book.sweeps import sweep
+from dpskin_core.book.tables import glue, recall_by_class, summary_table
+from dpskin_core.training.metrics import confusion_matrix
+from dpskin_core.training.recipes import RECIPES
+from dpskin_core.training.records import load_metrics, load_predictions
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)
+P = profile_params(profile, overrides)
+backbones = P.backbones
 
 # %% [markdown]
 # ## Training
@@ -62,15 +55,9 @@ pd.set_option("display.precision", 3)
 # ran is read back from its record instead of being trained again.
 
 # %% tags=["hide-output"]
-lr = {"sgd": lr_sgd, "adam": lr_adam}
-base = RunConfig(name="baseline", dataset=dataset, data_root=data_root, synth_n=synth_n,
-                 image_size=image_size, epochs=epochs, batch_size=batch_size, dp=False,
-                 class_weights=class_weights,
-                 progress=False, num_threads=num_threads)
-points = [dict(p, lr=lr[p["optimizer"]])
-          for p in grid(backbone=backbones, optimizer=optimizers, seed=seeds)]
-runs = sweep(base, points, runs_root)
-runs["method"] = runs["method"].map(method_label)
+runs = sweep([cfg for o in optimizers for cfg in RECIPES.get(f"nonprivate-{o}").configs(P)],
+             P.runs_root)
+runs["method"] = runs["label"]
 
 # %% [markdown]
 # ## Test-set results
@@ -109,9 +96,9 @@ glue("best_auc", best_runs["auc_macro"].mean(), display=False)
 # ± one standard deviation).
 
 # %% tags=["hide-input"]
-metrics = load_metrics(runs_root)
-metrics = metrics[metrics["run"].isin(runs["run"])].copy()
-metrics["method"] = metrics["method"].map(method_label)
+metrics = load_metrics(P.runs_root)
+metrics = metrics[metrics["run"].isin(runs["run"])].drop(columns="method").merge(
+    runs[["run", "method"]], on="run")
 curves = pd.concat([
     metrics[(metrics["split"] == "val") & (metrics["metric"] == "balanced_accuracy")],
     metrics[(metrics["split"] == "train") & (metrics["metric"] == "loss")],

@@ -12,30 +12,11 @@
 # ---
 
 # %% tags=["parameters"]
-# Parameters (papermill injects the profile's values after this cell; see experiments.yml).
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them, e.g.
+# {"epochs": 2, "seeds": [0]}.
 profile = "smoke"
-runs_root = "runs/smoke"
-dataset = "synthetic"
-data_root = None
-synth_n = 1200
-image_size = 32
-backbones = ["smallcnn_fast"]
-seeds = [0, 1]
-epsilons = [1.0, 8.0]
-epochs = 8
-batch_size = 64
-lr_sgd = 0.05
-lr_adam = 0.002
-lr_dp_sgd = 0.5
-lr_dp_adam = 0.003
-max_grad_norm = 1.0
-delta = 1.0e-5
-num_threads = None
-class_weights = "balanced"
-proposed_lr = 8.0
-proposed_batch_size = 256
-proposed_epochs = 20
-proposed_ema = 0.9
+overrides = {}
 ablation_epsilons = [8.0]
 
 # %% [markdown]
@@ -65,14 +46,18 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from dpskin_core import RunConfig, figures
-from dpskin_core.experiments import (glue, grid, method_label, recall_by_class, summary_table,
-                                     sweep)
+from dpskin_core.book import figures
+from dpskin_core.book.registry import profile_params
+from dpskin_core.book.sweeps import sweep
+from dpskin_core.book.tables import glue, recall_by_class, summary_table
+from dpskin_core.training.recipes import RECIPES
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)
-b0 = backbones[0]
-glue("proposed_batch_size", proposed_batch_size, display=False)
+P = profile_params(profile, overrides)
+epsilons, delta = P.epsilons, P.delta
+b0 = P.backbones[0]
+glue("proposed_batch_size", P.proposed_batch_size, display=False)
 
 # %% [markdown]
 # ## Training
@@ -81,27 +66,12 @@ glue("proposed_batch_size", proposed_batch_size, display=False)
 # are read back from their records; the proposed runs and the ablations are trained here.
 
 # %% tags=["hide-output"]
-common = dict(dataset=dataset, data_root=data_root, synth_n=synth_n, image_size=image_size,
-              progress=False, num_threads=num_threads, delta=delta, max_grad_norm=max_grad_norm)
-e2e = RunConfig(name="end-to-end", backbone=b0, epochs=epochs, batch_size=batch_size, **common)
-recipe = RunConfig(name="proposed", features="colour", backbone="colour_linear", dp=True,
-                   target_epsilon=epsilons[0], logit_adjust=True, ema_decay=proposed_ema,
-                   optimizer="sgd", lr=proposed_lr, momentum=0.9,
-                   batch_size=proposed_batch_size, epochs=proposed_epochs,
-                   augment_flips=False, augment_rot90=False, **common)
-parts = {
-    "non-private SGD": sweep(e2e.replace(optimizer="sgd", lr=lr_sgd, class_weights=class_weights),
-                             grid(seed=seeds), runs_root),
-    "non-private Adam": sweep(e2e.replace(optimizer="adam", lr=lr_adam,
-                                          class_weights=class_weights), grid(seed=seeds), runs_root),
-    "DP-SGD": sweep(e2e.replace(dp=True, target_epsilon=epsilons[0], optimizer="sgd", lr=lr_dp_sgd),
-                    grid(target_epsilon=epsilons, seed=seeds), runs_root),
-    "DP-Adam": sweep(e2e.replace(dp=True, target_epsilon=epsilons[0], optimizer="adam",
-                                 lr=lr_dp_adam), grid(target_epsilon=epsilons, seed=seeds), runs_root),
-    "proposed": sweep(recipe, grid(target_epsilon=epsilons, seed=seeds), runs_root),
-    "proposed, non-private": sweep(recipe.replace(dp=False, target_epsilon=None),
-                                   grid(seed=seeds), runs_root),
-}
+# the end-to-end recipes on the first backbone of the profile; the proposed recipe and its
+# non-private counterpart (the recipes are defined in dpskin_core.training.recipes)
+compared = ["nonprivate-sgd", "nonprivate-adam", "dp-sgd", "dp-adam", "proposed",
+            "proposed-nonprivate"]
+parts = {RECIPES.get(name).label: sweep(RECIPES.get(name).configs(P, backbones=[b0]), P.runs_root)
+         for name in compared}
 runs = pd.concat([df.assign(model=k) for k, df in parts.items()], ignore_index=True)
 runs["ε"] = np.where(runs["dp"].astype(bool), runs["target_epsilon"], np.inf)
 
@@ -130,15 +100,17 @@ def bacc(model: str, eps: float) -> float:
     return float(stats.loc[(model, eps), "mean"])
 
 
-np_ref = max(bacc("non-private SGD", np.inf), bacc("non-private Adam", np.inf))
+PROPOSED, NP_SGD, NP_ADAM, DP_SGD, DP_ADAM = (RECIPES.get(n).label for n in (
+    "proposed", "nonprivate-sgd", "nonprivate-adam", "dp-sgd", "dp-adam"))
+np_ref = max(bacc(NP_SGD, np.inf), bacc(NP_ADAM, np.inf))
 for e in epsilons:
     key = f"{e:g}".replace(".", "_")
-    best_dp = max(bacc("DP-SGD", e), bacc("DP-Adam", e))
-    glue(f"prop_{key}", bacc("proposed", e), display=False)
-    glue(f"prop_std_{key}", float(stats.loc[("proposed", e), "std"]), display=False)
+    best_dp = max(bacc(DP_SGD, e), bacc(DP_ADAM, e))
+    glue(f"prop_{key}", bacc(PROPOSED, e), display=False)
+    glue(f"prop_std_{key}", float(stats.loc[(PROPOSED, e), "std"]), display=False)
     glue(f"bestdp_{key}", best_dp, display=False)
-    glue(f"gain_{key}", bacc("proposed", e) - best_dp, display=False)
-    glue(f"ratio_{key}", bacc("proposed", e) / np_ref, display=False)
+    glue(f"gain_{key}", bacc(PROPOSED, e) - best_dp, display=False)
+    glue(f"ratio_{key}", bacc(PROPOSED, e) / np_ref, display=False)
 e_hi, e_lo = max(epsilons), min(epsilons)
 glue("eps_hi", e_hi, display=False)
 glue("eps_lo", e_lo, display=False)
@@ -147,13 +119,13 @@ glue("backbone", b0, display=False)
 glue("n_seeds", int(stats["count"].min()), display=False)
 hi = f"{e_hi:g}".replace(".", "_")
 lo = f"{e_lo:g}".replace(".", "_")
-glue("prop_hi", bacc("proposed", e_hi), display=False)
-glue("prop_lo", bacc("proposed", e_lo), display=False)
-glue("gain_hi", bacc("proposed", e_hi) - max(bacc("DP-SGD", e_hi), bacc("DP-Adam", e_hi)),
+glue("prop_hi", bacc(PROPOSED, e_hi), display=False)
+glue("prop_lo", bacc(PROPOSED, e_lo), display=False)
+glue("gain_hi", bacc(PROPOSED, e_hi) - max(bacc(DP_SGD, e_hi), bacc(DP_ADAM, e_hi)),
      display=False)
-glue("gain_lo", bacc("proposed", e_lo) - max(bacc("DP-SGD", e_lo), bacc("DP-Adam", e_lo)),
+glue("gain_lo", bacc(PROPOSED, e_lo) - max(bacc(DP_SGD, e_lo), bacc(DP_ADAM, e_lo)),
      display=False)
-glue("ratio_hi", bacc("proposed", e_hi) / np_ref, display=False)
+glue("ratio_hi", bacc(PROPOSED, e_hi) / np_ref, display=False)
 
 # %% [markdown]
 # At $\varepsilon$ = {glue:text}`eps_hi:g` the proposed technique reaches a balanced accuracy of
@@ -171,20 +143,17 @@ figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
 #
 # The full recipe against the same recipe without logit adjustment (plain cross-entropy, no
 # histogram release: its whole budget goes to the gradient steps), without the EMA of the
-# weights, and without the colour front end (the end-to-end {glue:text}`backbone` on pixels at
-# the DP-SGD learning rate of chapter {doc}`02_dp_sgd`, keeping logit adjustment and EMA).
+# weights, without the colour front end (the end-to-end {glue:text}`backbone` on pixels at
+# the DP-SGD learning rate of chapter {doc}`02_dp_sgd`, keeping logit adjustment and EMA), and
+# with the other data-independent front end, wavelet scattering coefficients and their linear
+# head, in place of the colour histograms.
 
 # %% tags=["hide-output"]
-ablations = {
-    "without logit adjustment": recipe.replace(logit_adjust=False),
-    "without EMA": recipe.replace(ema_decay=None),
-    "without colour front end": recipe.replace(
-        features="pixels", backbone=b0, lr=lr_dp_sgd, batch_size=batch_size, epochs=epochs,
-        augment_flips=True, augment_rot90=True),
-}
-abl = pd.concat([sweep(cfg, grid(target_epsilon=ablation_epsilons, seed=seeds), runs_root)
-                 .assign(model=name) for name, cfg in ablations.items()], ignore_index=True)
-full = runs[(runs["model"] == "proposed") & runs["target_epsilon"].isin(ablation_epsilons)]
+ablations = [RECIPES.get(n) for n in ("ablation/no-logit-adjustment", "ablation/no-ema",
+                                       "ablation/no-front-end", "ablation/scatter-front-end")]
+abl = pd.concat([sweep(r.configs(P, epsilons=ablation_epsilons), P.runs_root).assign(model=r.label)
+                 for r in ablations], ignore_index=True)
+full = runs[(runs["model"] == PROPOSED) & runs["target_epsilon"].isin(ablation_epsilons)]
 abl = pd.concat([full.assign(model="full recipe"), abl], ignore_index=True)
 
 # %%
@@ -194,12 +163,12 @@ ab["change vs full"] = ab["mean"] - ref.reindex(ab.index.get_level_values("targe
 ab_table = ab.reset_index().pivot_table(index="model", columns="target_epsilon",
                                         values=["mean", "std", "change vs full"])
 ab_table.columns = [f"{stat} (ε = {e:g})" for stat, e in ab_table.columns]
-order = ["full recipe", *ablations]
+order = ["full recipe", *(r.label for r in ablations)]
 ab_table.loc[order].round(3)
 
 # %% tags=["remove-cell"]
 e_ab = max(ablation_epsilons)
-drops = {name: float(ab.loc[(name, e_ab), "change vs full"]) for name in ablations}
+drops = {r.label: float(ab.loc[(r.label, e_ab), "change vs full"]) for r in ablations}
 worst = min(drops, key=drops.get)
 glue("abl_eps", e_ab, display=False)
 glue("abl_worst", worst, display=False)

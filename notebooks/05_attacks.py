@@ -12,40 +12,15 @@
 # ---
 
 # %% tags=["parameters"]
-# Parameters (papermill injects the profile's values after this cell; see experiments.yml).
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters (the attacked recipes and their attack_* / overfit_* sizes) come from
+# experiments.yml; `overrides` changes some of them. The attack budgets below are this
+# chapter's own (experiments.yml, experiment 05_attacks).
 profile = "smoke"
-runs_root = "runs/smoke"
-dataset = "synthetic"
-data_root = None
-synth_n = 1200
-image_size = 32
-backbones = ["smallcnn_fast"]
-seeds = [0, 1]
-epsilons = [1.0, 8.0]
-epochs = 8
-batch_size = 64
-lr_sgd = 0.05
-lr_adam = 0.002
-lr_dp_sgd = 0.5
-lr_dp_adam = 0.003
-max_grad_norm = 1.0
-delta = 1.0e-5
-num_threads = None
-class_weights = "balanced"
-proposed_lr = 8.0
-proposed_batch_size = 256
-proposed_epochs = 20
-proposed_ema = 0.9
-# the attacks (experiment-level parameters in experiments.yml)
+overrides = {}
 attack_models = ["non-private", "DP-SGD", "proposed"]
-attack_pool_size = 400
-attack_epochs = 3
-overfit_epochs = None
-overfit_batch_size = None
-overfit_optimizer = "sgd"
-attack_accountant = "rdp"
 n_shadows = 2
-mia_views = 1
+mia_views = 1               # dihedral views per membership query
 extraction_budgets = [50, 150]
 extraction_modes = ["probs"]
 extraction_epochs = 5
@@ -89,10 +64,15 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from dpskin_core import CLASSES, RunConfig, attacks, audit, cards, figures, reconstruct
+from dpskin_core import CLASSES, attacks
+from dpskin_core.attacks import audit, cards, reconstruct
+from dpskin_core.book import figures
+from dpskin_core.book.registry import profile_params
+from dpskin_core.book.sweeps import silence_benign_warnings
+from dpskin_core.book.tables import glue
 from dpskin_core.data import load_data
-from dpskin_core.experiments import glue, silence_benign_warnings
-from dpskin_core.train import data_spec
+from dpskin_core.training.recipes import ATTACK_MODELS, RECIPES
+from dpskin_core.training.trainer import data_spec
 
 # the library warnings every DP run emits (those sweeps silence); here for the whole chapter,
 # whose attacks train outside a sweep
@@ -100,11 +80,13 @@ silence_benign_warnings()
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)
-if num_threads:
-    torch.set_num_threads(num_threads)
-b0 = backbones[0]
-seed = seeds[0]
-attack_root = Path(runs_root) / "attacks"
+P = profile_params(profile, overrides)
+epsilons, delta, image_size = P.epsilons, P.delta, P.image_size
+if P.num_threads:
+    torch.set_num_threads(P.num_threads)
+b0 = P.backbones[0]
+seed = P.seeds[0]
+attack_root = Path(P.runs_root) / "attacks"
 
 
 # %% [markdown]
@@ -126,48 +108,26 @@ attack_root = Path(runs_root) / "attacks"
 # recipe on the whole training split.
 
 # %% tags=["hide-output"]
-common = dict(dataset=dataset, data_root=data_root, synth_n=synth_n, image_size=image_size,
-              progress=False, num_threads=num_threads, delta=delta, max_grad_norm=max_grad_norm,
-              seed=seed)
-e2e = RunConfig(name="end-to-end", backbone=b0, epochs=attack_epochs or epochs,
-                batch_size=batch_size, **common)
-data = load_data(data_spec(e2e))
-pool_n = attack_pool_size or len(data.y_train)
-# the proposed recipe's batches, scaled to the targets' training sets (half the pool): the
-# same sampling rate as on the whole training split
-prop_bs = min(proposed_batch_size,
-              max(1, round(proposed_batch_size * (pool_n // 2) / len(data.y_train))))
-recipes = {
-    "non-private": e2e.replace(optimizer="sgd", lr=lr_sgd, class_weights=class_weights),
-    "non-private (no augmentation)": e2e.replace(optimizer=overfit_optimizer,
-                                                 lr=lr_adam if overfit_optimizer == "adam" else lr_sgd,
-                                                 class_weights=class_weights,
-                                                 augment_flips=False, augment_rot90=False,
-                                                 epochs=overfit_epochs or e2e.epochs,
-                                                 batch_size=overfit_batch_size or batch_size),
-    "DP-SGD": e2e.replace(dp=True, target_epsilon=epsilons[0], optimizer="sgd", lr=lr_dp_sgd,
-                          accountant=attack_accountant),
-    "DP-Adam": e2e.replace(dp=True, target_epsilon=epsilons[0], optimizer="adam", lr=lr_dp_adam,
-                           accountant=attack_accountant),
-    "proposed": RunConfig(features="colour", backbone="colour_linear", dp=True,
-                          target_epsilon=epsilons[0],
-                          logit_adjust=True, ema_decay=proposed_ema, optimizer="sgd",
-                          lr=proposed_lr, momentum=0.9, batch_size=prop_bs,
-                          epochs=proposed_epochs, augment_flips=False, augment_rot90=False,
-                          accountant=attack_accountant, **common),
-}
-unknown = sorted(set(attack_models) - set(recipes))
+data = load_data(data_spec(RECIPES.get("attack/nonprivate").config(P, seed=seed)))
+pool_n = P.attack_pool_size or len(data.y_train)
+unknown = sorted(set(attack_models) - set(ATTACK_MODELS))
 if unknown:
-    raise ValueError(f"attack_models: unknown {unknown}; known: {list(recipes)}")
-models = {}  # label -> config
+    raise ValueError(f"attack_models: unknown {unknown}; known: {list(ATTACK_MODELS)}")
+models = {}  # label -> config (recipes in dpskin_core.training.recipes, "attack/...")
 for m in attack_models:
-    cfg = recipes[m]
-    for e in (epsilons if cfg.dp else [None]):
+    recipe = RECIPES.get(ATTACK_MODELS[m])
+    for e in (epsilons if recipe.private else [None]):
         label = m if e is None else f"{m}, ε = {e:g}"
-        models[label] = cfg.replace(name=f"attacks {label}", target_epsilon=e)
+        point = {"seed": seed, **({"target_epsilon": e} if recipe.private else {})}
+        models[label] = recipe.config(P, n_train=len(data.y_train), **point).replace(
+            name=f"attacks {label}")
+# the proposed recipe's batches are scaled to the targets' training sets (half the pool): the
+# same sampling rate as on the whole training split
+prop_bs = RECIPES.get("attack/proposed").config(P, n_train=len(data.y_train),
+                                                 seed=seed, target_epsilon=epsilons[0]).batch_size
 
 mia = {label: attacks.membership_experiment(cfg, data, attack_root / "mia", n_shadows=n_shadows,
-                                            views=mia_views, pool_size=attack_pool_size,
+                                            views=mia_views, pool_size=P.attack_pool_size,
                                             seed=seed)
        for label, cfg in models.items()}
 print(f"{len(models)} models, each with {n_shadows} shadows, on a pool of {pool_n} images")
@@ -178,8 +138,8 @@ glue("pool_n", pool_n, display=False)
 glue("n_shadows", n_shadows, display=False)
 glue("n_members", int(next(iter(mia.values())).members.sum()), display=False)
 glue("prop_bs", prop_bs, display=False)
-glue("attack_epochs", attack_epochs or epochs, display=False)
-glue("accountant", {"rdp": "RDP", "prv": "PRV"}.get(attack_accountant, attack_accountant),
+glue("attack_epochs", P.attack_epochs or P.epochs, display=False)
+glue("accountant", {"rdp": "RDP", "prv": "PRV"}.get(P.attack_accountant, P.attack_accountant),
      display=False)
 
 # %% [markdown]
@@ -258,8 +218,7 @@ figures.roc_figure({label: exp.results for label, exp in mia.items()});
 # %% tags=["hide-output"]
 e_max = max(epsilons)
 victims = [m for m in models if not models[m].dp or models[m].target_epsilon == e_max]
-pools = {"synthetic": attacks.synthetic_pool(synthetic_pool_size, image_size,
-                                             cache_dir=e2e.cache_dir, seed=seed + 1),
+pools = {"synthetic": attacks.synthetic_pool(synthetic_pool_size, image_size, seed=seed + 1),
          "held-out": data.x_val}
 extraction = {}  # (victim, pool, mode) -> ExtractionResult
 for v in victims:
@@ -367,7 +326,7 @@ if gi_model is not None:
             continue
         sigma = mia[m].target_result.noise_multiplier
         grad_inv[f"{m} (σ = {sigma:.2f})"] = reconstruct.gradient_inversion(
-            mia[gi_model].target, gx[0], int(gy[0]), max_grad_norm=max_grad_norm,
+            mia[gi_model].target, gx[0], int(gy[0]), max_grad_norm=P.max_grad_norm,
             noise_multiplier=sigma, steps=gradient_inversion_steps, seed=seed)
 
 # %%
@@ -471,7 +430,7 @@ for label, exp in mia.items():
     card_paths[label] = cards.write_privacy_card(exp.target.run_dir, measured)
 privacy = pd.DataFrame([cards.card_summary(path, model=label) for label, path in card_paths.items()])
 privacy["card"] = [str(p) for p in card_paths.values()]
-summary_path = cards.write_attack_summary(privacy, runs_root)
+summary_path = cards.write_attack_summary(privacy, P.runs_root)
 print(f"privacy table: {summary_path}")
 
 # %%

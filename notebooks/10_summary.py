@@ -12,21 +12,10 @@
 # ---
 
 # %% tags=["parameters"]
-# Parameters (papermill injects the profile's values after this cell; see experiments.yml).
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them.
 profile = "smoke"
-runs_root = "runs/smoke"
-dataset = "synthetic"
-image_size = 32
-backbones = ["smallcnn_fast"]
-seeds = [0, 1]
-epsilons = [1.0, 8.0]
-epochs = 8
-delta = 1.0e-5
-class_weights = "balanced"
-proposed_lr = 8.0
-proposed_batch_size = 256
-proposed_epochs = 20
-proposed_ema = 0.9
+overrides = {}
 
 # %% [markdown]
 # # Privacy-utility summary
@@ -42,34 +31,30 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from dpskin_core import figures
-from dpskin_core.experiments import (current_runs, glue, method_label, read_attack_summary,
-                                     recall_by_class, summary_table)
+from dpskin_core.attacks.cards import read_attack_summary
+from dpskin_core.book import figures
+from dpskin_core.book.registry import profile_params
+from dpskin_core.book.sweeps import recipe_runs
+from dpskin_core.book.tables import glue, recall_by_class, summary_table
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)
+P = profile_params(profile, overrides)
+runs_root, dataset, image_size, epochs = P.runs_root, P.dataset, P.image_size, P.epochs
+backbones, seeds, epsilons, delta = P.backbones, P.seeds, P.epsilons, P.delta
 
 # %%
-# the end-to-end runs of chapters 01-03 ...
-e2e = current_runs(runs_root, dataset=dataset, image_size=image_size, epochs=epochs,
-                   backbone=backbones, seed=seeds, features="pixels", logit_adjust=False,
-                   ema_decay=None, aug_mult=1)
-e2e = e2e[e2e["dp"].astype(bool) | (e2e["class_weights"] == class_weights)]
-# ... and the full recipe of the proposed technique (chapter 04; not its ablations)
-prop = current_runs(runs_root, dataset=dataset, image_size=image_size, seed=seeds,
-                    features="colour", backbone="colour_linear", logit_adjust=True,
-                    ema_decay=proposed_ema, lr=proposed_lr, batch_size=proposed_batch_size,
-                    epochs=proposed_epochs, dp=True)
-prop["backbone"] = backbones[0]  # compared on the same split with the end-to-end backbone
-runs = pd.concat([e2e, prop], ignore_index=True)
-runs = runs[~runs["dp"].astype(bool) | runs["target_epsilon"].isin(epsilons)].copy()
+# the runs of the recipes of chapters 01-04, found by their run ids (nothing is trained here)
+runs = recipe_runs(["nonprivate-sgd", "nonprivate-adam", "dp-sgd", "dp-adam", "proposed"], P,
+                   runs_root)
 if runs.empty:
     raise RuntimeError(f"no complete runs of the current code in {runs_root}: execute the "
                        "training notebooks first (dpskin book)")
-runs["method"] = runs["method"].map(method_label)
+runs.loc[runs["recipe"] == "proposed", "backbone"] = backbones[0]  # compared on the same split
+runs["method"] = runs["label"]
 runs["ε"] = np.where(runs["dp"].astype(bool), runs["target_epsilon"], np.inf)
 print(f"{len(runs)} runs from {runs_root} ({runs['method'].nunique()} methods, "
-      f"{runs['backbone'].nunique()} backbones, seeds {sorted(runs['seed'].unique())})")
+      f"{runs['backbone'].nunique()} backbones, seeds {sorted(int(v) for v in runs['seed'].unique())})")
 
 # %% [markdown]
 # ## The privacy-utility table

@@ -12,9 +12,10 @@
 # ---
 
 # %% tags=["parameters"]
-# Parameters (papermill injects the profile's values after this cell; see experiments.yml).
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them.
 profile = "smoke"
-runs_root = "runs/smoke"
+overrides = {}
 
 # %% [markdown]
 # # Reproducibility
@@ -43,7 +44,7 @@ runs_root = "runs/smoke"
 #
 # ```bash
 # jupytext --to ipynb notebooks/01_baseline.py
-# papermill notebooks/01_baseline.ipynb out.ipynb -p epochs 2 -y "seeds: [0]"
+# papermill notebooks/01_baseline.ipynb out.ipynb -p profile smoke -y "overrides: {epochs: 2, seeds: [0]}"
 # ```
 
 # %% tags=["remove-cell"]
@@ -51,13 +52,15 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from dpskin_core.experiments import glue
 
-from dpskin_core.experiments import current_runs, load_registry, thaw
-from dpskin_core.results import code_version, git_commit, package_versions
+from dpskin_core.book.registry import load_registry, profile_params, thaw
+from dpskin_core.book.sweeps import current_runs
+from dpskin_core.book.tables import glue
+from dpskin_core.training.records import code_version, git_commit, package_versions
 
 pd.set_option("display.max_colwidth", 80)
 pd.set_option("display.precision", 4)
+runs_root = profile_params(profile, overrides).runs_root
 
 # %% [markdown]
 # ## Profiles

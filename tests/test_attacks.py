@@ -9,9 +9,11 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
-from dpskin_core import attacks, cards, results
-from dpskin_core.attacks import MIAData, TrainedModel
-from dpskin_core.config import RunConfig
+from dpskin_core import attacks
+from dpskin_core.attacks import cards
+from dpskin_core.training import records
+from dpskin_core.attacks import MIAData, TrainedModel, membership
+from dpskin_core.training.config import RunConfig
 from dpskin_core.errors import ConfigError, UnknownNameError
 
 from test_train import random_bundle
@@ -46,7 +48,7 @@ def test_registry_names_kinds_and_unknown_names():
     with pytest.raises(UnknownNameError, match="unknown attack 'lira_ofline'.*lira_offline"):
         attacks.run_attack("lira_ofline")
     d = MIAData(np.zeros((4, 1, 7)), np.zeros(4, int))
-    with pytest.raises(ConfigError, match="'copycat' is a extraction attack"):
+    with pytest.raises(ConfigError, match="'copycat' is not a membership attack"):
         attacks.membership_scores("copycat", d)
     with pytest.raises(ConfigError, match="needs shadow models"):
         attacks.membership_scores("lira_online", d)
@@ -138,10 +140,10 @@ def test_lira_per_example_variance_and_missing_sides():
             assert np.isfinite(sc).all() and attacks.mia_metrics(sc, members).auc > 0.8, (a, fix)
     # an example without OUT shadows falls back to the median over the others
     mask = np.array([[True, True], [False, False], [True, True]])  # (examples, shadows)
-    mu, sd = attacks._gaussian_fit(np.arange(6.0).reshape(3, 2, 1), mask, True)
+    mu, sd = membership._gaussian_fit(np.arange(6.0).reshape(3, 2, 1), mask, True)
     assert mu[:, 0].tolist() == [0.5, 2.5, 4.5] and sd[:, 0] == pytest.approx([np.sqrt(0.5)] * 3)
     one = np.array([[True, False], [False, True], [True, False]])  # one shadow each: no dof
-    mu, sd = attacks._gaussian_fit(np.arange(6.0).reshape(3, 2, 1), one, True)
+    mu, sd = membership._gaussian_fit(np.arange(6.0).reshape(3, 2, 1), one, True)
     assert mu[:, 0].tolist() == [0, 3, 4] and sd[0, 0] == pytest.approx(np.std([0, 3, 4]))
 
 
@@ -198,7 +200,7 @@ def test_load_trained_reproduces_the_runs_predictions(tmp_path, extra):
     data = random_bundle(n_train=120, n_val=35, n_test=35, size=16)
     res = attacks.train_on(RunConfig(**FAST, epochs=2, **extra), data, tmp_path)[0]
     model = attacks.load_trained(res.run_dir)
-    pred = results.load_predictions(res.run_dir)
+    pred = records.load_predictions(res.run_dir)
     np.testing.assert_allclose(model.predict_proba(data.x_test), pred.filter(like="prob_").to_numpy(),
                                atol=1e-5)
     if extra:  # the released model is the EMA, not the last iterate
@@ -300,7 +302,7 @@ def test_privacy_card_reads_the_guarantee_and_keeps_attacks(tmp_path):
 
 
 def test_card_summary_takes_the_strongest_attack_and_the_table_round_trips(tmp_path):
-    from dpskin_core.book import runs_fingerprint
+    from dpskin_core.book.runner import runs_fingerprint
 
     card = {"name": "x", "method": "dp-sgd", "dp": True, "epsilon": 2.9, "delta": 1e-5,
             "balanced_accuracy": 0.4, "run_id": "abc", "attacks": {

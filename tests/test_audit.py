@@ -8,8 +8,8 @@ import torch
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from dpskin_core import audit
-from dpskin_core.config import RunConfig
+from dpskin_core.attacks import audit
+from dpskin_core.training.config import RunConfig
 from dpskin_core.errors import ConfigError
 
 from test_train import random_bundle

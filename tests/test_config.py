@@ -3,9 +3,9 @@ import dataclasses
 
 import pytest
 
-from dpskin_core.config import RunConfig
+from dpskin_core.training.config import RunConfig
 from dpskin_core.errors import ConfigError
-from dpskin_core.results import config_hash
+from dpskin_core.training.records import config_hash
 
 
 def test_unknown_key_rejected():

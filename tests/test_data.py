@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpskin_core import imagecache
+from dpskin_core.data import imagecache
 from dpskin_core.constants import CLASSES, HAM10000_COUNTS
-from dpskin_core.data import (DataSpec, _sha_groups, class_counts, load_data, read_isic2018,
-                              split_by_lesion)
+from dpskin_core.data import DataSpec, class_counts, load_data, read_isic2018, split_by_lesion
+from dpskin_core.data.layout import sha_groups
 from dpskin_core.errors import DataError, UnknownNameError
 
 GT = "ISIC2018_Task3_Training_GroundTruth.csv"
@@ -210,7 +210,7 @@ def test_identical_files_share_a_split_group(isic_layout, tmp_path):
     sha[20] = sha[10]  # ... and ISIC_0000020 of both
     pd.DataFrame({"image": df.image, "sha256": sha}).to_csv(root / "HAM10000_metadata_extra.csv",
                                                             index=False)
-    g = _sha_groups(root, df)
+    g = sha_groups(root, df)
     assert g[3] == g[10] == g[20] and len(set(g)) == 40
     for seed in range(4):
         b = load_data(spec(root, tmp_path, split_seed=seed))
@@ -306,7 +306,7 @@ def test_synthetic_dataset_is_cached_and_readable(tmp_path, monkeypatch):
     assert b.info["dataset"] == "synthetic" and len(b.meta) == 150
     assert b.meta.groupby("lesion_id").split.nunique().max() == 1
     assert (tmp_path / "synthetic_n150_seed0_v1" / ".complete").is_file()
-    from dpskin_core import synth
+    from dpskin_core.data import synth
     monkeypatch.setattr(synth, "generate", _boom)  # generated once,
     monkeypatch.setattr(imagecache, "decode", _boom)  # decoded once
     again = load_data(s)
@@ -317,7 +317,7 @@ def test_synthetic_dataset_is_cached_and_readable(tmp_path, monkeypatch):
 
 def test_generated_synthetic_replaces_a_half_written_folder_and_reuses_a_complete_one(
         tmp_path, monkeypatch):
-    from dpskin_core import synth
+    from dpskin_core.data import synth
     from dpskin_core.data import generated_synthetic
 
     half = tmp_path / "pool"
@@ -341,7 +341,7 @@ def test_real_data_csvs_and_split(shared_data):
     # the two byte-identical pairs of HAM10000 are already the same lesion
     assert lesion["ISIC_0024366"] == lesion["ISIC_0029861"]
     assert lesion["ISIC_0024777"] == lesion["ISIC_0029938"]
-    groups = _sha_groups(shared_data, df)
+    groups = sha_groups(shared_data, df)
     split = split_by_lesion(df.label.to_numpy(), groups, 0.15, 0.15, 0)
     frame = df.assign(split=split)
     assert frame.groupby("lesion_id").split.nunique().max() == 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dpskin_core.data import read_isic2018
-from dpskin_core.download import DOWNLOADS, RemoteFile, Source, download, safe_extract
+from dpskin_core.data.download import DOWNLOADS, RemoteFile, Source, download, safe_extract
 from dpskin_core.errors import ConfigError, DownloadError, UnknownNameError
 
 ISIC_FILES = [f.filename for f in DOWNLOADS.get("isic2018").files]

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from dpskin_core.book import (execution_hash, notebook_parameters, resolve_parameters, run_book,
-                              runs_fingerprint)
+from dpskin_core.book.registry import load_registry, profile_params, thaw
+from dpskin_core.book.runner import (execution_hash, notebook_parameters, resolve_parameters,
+                                     run_book, runs_fingerprint)
 from dpskin_core.errors import ConfigError
-from dpskin_core.experiments import grid, load_registry, mean_std, thaw
+from dpskin_core.training.recipes import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,15 +32,29 @@ def test_registry_loads_with_the_three_profiles():
             assert params.get("profile", profile) == profile
 
 
-def test_notebook_defaults_are_the_smoke_profile():
-    """Run standalone (papermill without -p), a notebook computes what the smoke book shows."""
+def test_every_profile_is_typed_and_complete():
+    """Every profile lists every parameter the recipes need (Params), and nothing else."""
     reg = load_registry(ROOT / "experiments.yml")
-    for e in reg.experiments:
-        defaults = notebook_parameters(ROOT / e.notebook)
-        smoke = reg.parameters_for(e, "smoke")
-        differ = {k: (defaults[k], smoke[k]) for k in defaults
-                  if k in smoke and defaults[k] != smoke[k]}
-        assert not differ, f"{e.notebook}: defaults differ from the smoke profile: {differ}"
+    for name in reg.profiles:
+        p = reg.params(name)
+        assert isinstance(p, Params) and p.profile == name
+    with pytest.raises(ConfigError, match="epochz"):
+        profile_params("smoke", {"epochz": 3}, ROOT / "experiments.yml")
+    assert profile_params("smoke", {"epochs": 3}, ROOT / "experiments.yml").epochs == 3
+
+
+def test_notebook_defaults_are_the_smoke_profile():
+    """Run standalone (papermill without -p), a notebook computes what the smoke book shows (a
+    source executed as several chapters: what one of them shows)."""
+    reg = load_registry(ROOT / "experiments.yml")
+    for source in {e.notebook for e in reg.experiments}:
+        defaults = notebook_parameters(ROOT / source)
+        differs = []
+        for e in (e for e in reg.experiments if e.notebook == source):
+            smoke = reg.parameters_for(e, "smoke")
+            differs.append({k: (defaults[k], smoke[k]) for k in defaults
+                            if k in smoke and defaults[k] != smoke[k]})
+        assert min(differs, key=len) == {}, f"{source}: defaults differ from smoke: {differs}"
 
 
 def test_profiles_and_experiments_are_frozen():
@@ -237,10 +252,11 @@ def test_runner_draws_figures_even_when_the_caller_sets_mplbackend_agg(tmp_path,
 
 
 def test_cli_book_exits_nonzero_when_a_notebook_fails(tmp_path, monkeypatch):
-    from dpskin_core import book, cli
+    from dpskin_core import cli
+    from dpskin_core.book import runner
 
     _fake_book(tmp_path)
-    monkeypatch.setattr(book, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(runner, "REPO_ROOT", tmp_path)
     (tmp_path / "notebooks" / "a.py").write_text('# %% tags=["parameters"]\nx = 0\n\n# %%\n1/0\n')
     assert cli.main(["book", "--only", "a", "--no-build"]) == 1
     assert cli.main(["book", "--only", "nope", "--no-build"]) == 2  # a user error, one line
@@ -250,7 +266,7 @@ def test_cli_book_exits_nonzero_when_a_notebook_fails(tmp_path, monkeypatch):
 def test_benign_warnings_are_silenced_and_no_others():
     import warnings
 
-    from dpskin_core.experiments import benign_warnings_silenced
+    from dpskin_core.book.sweeps import benign_warnings_silenced
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -260,17 +276,6 @@ def test_benign_warnings_are_silenced_and_no_others():
         warnings.warn("Optimal order is the largest alpha")  # outside the block: shown again
     assert [str(w.message) for w in seen] == ["the learning rate is too large",
                                               "Optimal order is the largest alpha"]
-
-
-def test_grid_and_mean_std():
-    import pandas as pd
-
-    pts = grid(seed=[0, 1], eps=[1.0, 8.0])
-    assert len(pts) == 4 and {"seed": 1, "eps": 8.0} in pts
-    df = pd.DataFrame({"m": ["a", "a", "b"], "balanced_accuracy": [0.5, 0.7, 0.4]})
-    out = mean_std(df, ["m"]).set_index("m")
-    assert out.loc["a", "mean"] == pytest.approx(0.6) and out.loc["a", "n"] == 2
-    assert pd.isna(out.loc["b", "std"])
 
 
 def test_offline_check_flags_remote_loads_but_not_links():

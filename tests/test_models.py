@@ -1,4 +1,4 @@
-"""Tests of dpskin_core.models: every backbone builds without BatchNorm, passes Opacus'
+"""Tests of dpskin_core.training.backbones: every backbone builds without BatchNorm, passes Opacus'
 validator, classifies 32 px images and takes one DP-SGD step; local pretrained weights."""
 from __future__ import annotations
 
@@ -11,20 +11,20 @@ from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
-import dpskin_core.technique  # noqa: F401  registers the feature heads: a complete registry
-from dpskin_core.config import FEATURE_HEADS
 from dpskin_core.errors import ConfigError, UnknownNameError
-from dpskin_core.models import (
+from dpskin_core.training.backbones import (
     BACKBONES, SmallCNN, build_backbone, count_parameters, gn_groups, has_batchnorm,
     load_pretrained,
 )
 
-# heads on the technique's front ends take feature vectors, not images (tests/test_technique.py);
-# the collection must not depend on which test module imported dpskin_core.technique first
-HEADS = {h for heads in FEATURE_HEADS.values() if heads for h in heads}
+from dpskin_core.training.frontends import FRONT_ENDS
+
+# heads on the data-independent front ends take feature vectors, not images
+# (tests/test_technique.py)
+HEADS = {h for n in FRONT_ENDS for h in (FRONT_ENDS.get(n).heads or ())}
 IMAGE_BACKBONES = [n for n in BACKBONES.names() if n not in HEADS]
-TORCHVISION = ["densenet121", "efficientnet_b0", "mobilenet_v3_large", "mobilenet_v3_small",
-               "resnet18", "resnet50", "vgg11", "vgg16"]
+TORCHVISION = ["densenet121", "efficientnet_b0", "mobilenet_v3_small", "resnet18", "resnet50",
+               "vgg16"]
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from dpskin_core import privacy
+from dpskin_core.training import privacy
 from dpskin_core.errors import ConfigError, UnknownNameError
 
 
@@ -66,14 +66,3 @@ def test_unknown_accountant():
 
 def test_zero_steps_spend_nothing():
     assert privacy.epsilon([], 1e-5) == 0.0
-
-
-def test_gaussian_sigma_single_release():
-    sigma = privacy.gaussian_sigma_for(1.0, 1e-5)
-    # classical bound sqrt(2 ln(1.25/delta))/eps = 4.84 is loose; the exact one is smaller
-    assert 3.0 < sigma < 4.84
-    from dp_accounting import dp_event, pld
-
-    acc = pld.PLDAccountant()
-    acc.compose(dp_event.GaussianDpEvent(sigma))
-    assert acc.get_epsilon(1e-5) <= 1.0 + 1e-6

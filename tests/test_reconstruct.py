@@ -6,9 +6,9 @@ from torch import nn
 
 from dpskin_core import attacks
 from dpskin_core.attacks import TrainedModel
-from dpskin_core.config import RunConfig
+from dpskin_core.training.config import RunConfig
 from dpskin_core.errors import ConfigError
-from dpskin_core.reconstruct import (dp_gradient, gradient_inversion, invert_classes, psnr, ssim,
+from dpskin_core.attacks.reconstruct import (dp_gradient, gradient_inversion, invert_classes, psnr, ssim,
                                      total_variation)
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dpskin_core.constants import CLASSES, HAM10000_COUNTS
-from dpskin_core.synth import CONFIRM_TYPES, allocate, generate
+from dpskin_core.data.synth import CONFIRM_TYPES, allocate, generate
 
 GT = "ISIC2018_Task3_Training_GroundTruth.csv"
 GROUPS = "ISIC2018_Task3_Training_LesionGroupings.csv"

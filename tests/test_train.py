@@ -4,12 +4,14 @@ import pandas as pd
 import pytest
 import torch
 
-from dpskin_core import privacy, results
-from dpskin_core.config import RunConfig
+from dpskin_core.files import read_json
+from dpskin_core.training import privacy, records
+from dpskin_core.training.checkpoint import Checkpoint
+from dpskin_core.training.config import RunConfig
 from dpskin_core.constants import CLASSES
 from dpskin_core.data import DataBundle
 from dpskin_core.errors import ConfigError
-from dpskin_core.train import pick_device, run, setup_training
+from dpskin_core.training.trainer import pick_device, run, setup_training
 
 
 def random_bundle(n_train=240, n_val=70, n_test=70, size=16, seed=0) -> DataBundle:
@@ -42,19 +44,21 @@ def test_nonprivate_run_writes_record_and_is_reused(tmp_path):
     for f in ("config.json", "meta.json", "metrics.csv", "predictions.csv", "checkpoints/last.pt"):
         assert (d / f).is_file(), f
     m = pd.read_csv(d / "metrics.csv")
-    assert list(m.columns) == results.METRIC_COLUMNS
+    assert list(m.columns) == records.METRIC_COLUMNS
     assert set(m["split"]) == {"train", "val", "test"}
-    meta = results.read_json(d / "meta.json")
+    meta = read_json(d / "meta.json")
     assert meta["status"] == "complete" and meta["train_images_per_s"] > 0
     assert meta["peak_memory_mb"] > 0 and "torch" in meta["packages"]
     assert res.epsilon is None
-    assert 0 <= res.final_metrics["balanced_accuracy"] <= 1
     pred = pd.read_csv(d / "predictions.csv")
     assert len(pred) == 70 and np.allclose(pred.filter(like="prob_").sum(axis=1), 1, atol=1e-4)
+    # the reported balanced accuracy is that of the recorded predictions
+    recall = [np.mean(pred["pred"][pred["label"] == c] == c) for c in range(len(CLASSES))]
+    assert res.final_metrics["balanced_accuracy"] == pytest.approx(np.mean(recall))
     again = run(RunConfig(**BASE, name="np"), tmp_path, data=data)
     assert again.reused and again.run_id == res.run_id
     assert again.final_metrics == pytest.approx(res.final_metrics, nan_ok=True)
-    runs = results.load_runs(tmp_path)
+    runs = records.load_runs(tmp_path)
     assert len(runs) == 1 and runs.loc[0, "method"] == "nonprivate-sgd"
 
 
@@ -127,15 +131,15 @@ def test_resume_matches_uninterrupted(tmp_path, dp):
     resumed = run(RunConfig(**kw), tmp_path / "b", data=data)
     assert resumed.meta["resumed_at_epochs"] == [1]
     assert resumed.epsilon == full.epsilon
-    wa = results.load_checkpoint(full.run_dir / "checkpoints/last.pt")["model"]
-    wb = results.load_checkpoint(resumed.run_dir / "checkpoints/last.pt")["model"]
+    wa = Checkpoint.load(full.run_dir / "checkpoints").model
+    wb = Checkpoint.load(resumed.run_dir / "checkpoints").model
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert resumed.final_metrics == pytest.approx(full.final_metrics, nan_ok=True, rel=0, abs=0)
 
 
 def test_interrupt_keeps_last_checkpoint(tmp_path, monkeypatch):
-    from dpskin_core.augment import Inputs
+    from dpskin_core.training.frontends import Inputs
 
     data = random_bundle()
     cfg = RunConfig(**dict(BASE, epochs=3))
@@ -152,9 +156,9 @@ def test_interrupt_keeps_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(Inputs, "train", flaky)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path, data=data)
-    d = results.run_dir_for(cfg, tmp_path)
-    assert results.read_json(d / "meta.json")["status"] == "interrupted"
-    assert results.load_checkpoint(d / "checkpoints/last.pt")["epoch"] == 1
+    d = records.run_dir_for(cfg, tmp_path)
+    assert read_json(d / "meta.json")["status"] == "interrupted"
+    assert Checkpoint.load(d / "checkpoints").epoch == 1
     monkeypatch.setattr(Inputs, "train", real)
     res = run(cfg, tmp_path, data=data)
     assert res.meta["status"] == "complete" and res.meta["resumed_at_epochs"] == [1]
@@ -169,12 +173,37 @@ def test_bad_inputs_fail_before_training(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was written: no training started
 
 
-def test_early_stopping_and_notes(tmp_path):
-    cfg = RunConfig(**dict(BASE, epochs=6, lr=1e-4), dp=True, target_epsilon=2.0, delta=1e-4,
+def test_forced_early_stop_releases_the_best_checkpoint(tmp_path, monkeypatch):
+    """Validation scores 0.5 then 0.4: with patience 1 the run stops after epoch 2 and
+    releases (evaluates, reports, reloads) the weights of epoch 1, not the last ones."""
+    from dpskin_core.attacks import load_trained
+    from dpskin_core.training import trainer
+
+    scores, real = iter([0.5, 0.4]), trainer.evaluate
+
+    def scripted(y, probs):
+        out = real(y, probs)
+        score = next(scores, None)  # the two validations, then the final evaluation (real)
+        return out if score is None else {**out, "balanced_accuracy": score}
+
+    monkeypatch.setattr(trainer, "evaluate", scripted)
+    data = random_bundle()
+    cfg = RunConfig(**dict(BASE, epochs=5), dp=True, target_epsilon=2.0, delta=1e-4,
                     early_stopping_patience=1)
-    res = run(cfg, tmp_path, data=random_bundle())
+    res = run(cfg, tmp_path, data=data)
+    assert res.meta["early_stopped_at_epoch"] == 2 and res.meta["eval_epoch"] == 1
     assert any("not counted in eps" in n for n in res.meta["notes"])
-    assert res.meta["eval_epoch"] <= res.meta.get("early_stopped_at_epoch", 6)
+    ck = res.run_dir / "checkpoints"
+    best = torch.load(ck / "best.pt", weights_only=False)
+    assert best["epoch"] == 1 and Checkpoint.load(ck).epoch == 2
+    last = Checkpoint.load(ck).model
+    released = load_trained(res.run_dir).model.state_dict()
+    assert all(torch.equal(released[k], best["model"][k]) for k in released)
+    assert any(not torch.equal(released[k], last[k]) for k in released)
+    # the reported predictions are the best epoch's
+    probs = pd.read_csv(res.run_dir / "predictions.csv").filter(like="prob_").to_numpy()
+    np.testing.assert_allclose(probs, load_trained(res.run_dir).predict_proba(data.x_test),
+                               atol=1e-5)
 
 
 def test_pick_device():

@@ -1,0 +1,112 @@
+"""Sweeps: train (or read back) the runs of a list of configs, as the notebooks do.
+
+Notebooks never hold training loops: they ask a recipe for its configs
+(:mod:`dpskin_core.training.recipes`) and call :func:`sweep`, which calls
+:func:`dpskin_core.training.run` once per config (a finished run is reused, not retrained)
+and returns one row per config read back from the run records. Chapters that only read
+(the summary) call :func:`recipe_runs`, which trains nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Union
+
+import pandas as pd
+
+from ..training import RunConfig, run
+from ..training.recipes import RECIPES, Params, recipe_label
+from ..training.records import code_version, config_hash, load_runs
+
+PathLike = Union[str, Path]
+
+#: warnings of the libraries that are expected in every DP run and say nothing about it:
+#: Opacus' backward hook on a first layer whose input needs no gradient; the RDP accountant
+#: at its largest order and the PRV accountant's log(0) at sampling rate 1 (the proposed
+#: technique's one-off histogram release is a step with q = 1).
+BENIGN_WARNINGS = ("Full backward hook is firing", "Optimal order is the largest alpha",
+                   "divide by zero encountered in log")
+
+
+def silence_benign_warnings() -> None:
+    """Silence :data:`BENIGN_WARNINGS` (only those) from now on, so a notebook's output shows
+    the warnings that matter; :func:`benign_warnings_silenced` does it for one block."""
+    for msg in BENIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=msg)
+
+
+@contextlib.contextmanager
+def benign_warnings_silenced():
+    """Silence :data:`BENIGN_WARNINGS` (only those) inside the block."""
+    with warnings.catch_warnings():
+        silence_benign_warnings()
+        yield
+
+
+def _rows(configs: Sequence[RunConfig], ids: Sequence[str], runs_root: PathLike) -> pd.DataFrame:
+    """One row per config (as ``load_runs``), labelled with the recipe that asked for it."""
+    runs = load_runs(runs_root)
+    if runs.empty or not ids:
+        return pd.DataFrame(columns=["run", "recipe", "label"])
+    out = runs.set_index("run").loc[list(ids)].reset_index()
+    # a run shared by two recipes records the first; each row takes its caller's recipe
+    out["recipe"] = [c.recipe for c in configs]
+    out["label"] = [recipe_label(c.recipe) for c in configs]
+    return out
+
+
+def sweep(configs: Iterable[RunConfig], runs_root: PathLike, *, verbose: bool = True) -> pd.DataFrame:
+    """Run every config; one row per config (as ``load_runs``, plus ``recipe`` and ``label``).
+
+    Finished runs are reused (same config + code version), so re-executing a notebook, or
+    resuming an interrupted profile, only trains what is missing. A line per run reports
+    progress (papermill streams it to the terminal).
+    """
+    configs = list(configs)
+    ids: List[str] = []
+    t0 = time.perf_counter()
+    for i, cfg in enumerate(configs, 1):
+        t = time.perf_counter()
+        with benign_warnings_silenced():
+            res = run(cfg, runs_root)
+        ids.append(res.run_id)
+        if verbose:
+            what = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("backbone", "target_epsilon", "seed")
+                             if k != "target_epsilon" or cfg.dp)
+            bacc = res.final_metrics.get("balanced_accuracy", float("nan"))
+            eps = f", eps {res.epsilon:.2f}" if res.epsilon is not None else ""
+            print(f"[{i}/{len(configs)}] {cfg.recipe or cfg.method} {what}: balanced accuracy "
+                  f"{bacc:.3f}{eps} "
+                  f"({'reused' if res.reused else f'trained in {time.perf_counter() - t:.0f} s'}, "
+                  f"run {res.run_id})", flush=True)
+    if verbose:
+        print(f"{len(configs)} runs in {time.perf_counter() - t0:.0f} s", flush=True)
+    return _rows(configs, ids, runs_root)
+
+
+def recipe_runs(names: Sequence[str], p: Params, runs_root: PathLike, *,
+                epsilons: Optional[Sequence[float]] = None) -> pd.DataFrame:
+    """The complete runs of the current code of recipes ``names`` over the grid of ``p`` (as
+    :func:`sweep` returns them), found by their run ids; nothing is trained. Grid points not
+    run yet are missing from the table."""
+    done = set(load_runs(runs_root)["run"]) if Path(runs_root).is_dir() else set()
+    version = code_version()
+    configs = [c for n in names for c in RECIPES.get(n).configs(p, epsilons=epsilons)]
+    ids = [config_hash(c, version) for c in configs]
+    keep = [(c, i) for c, i in zip(configs, ids) if i in done]
+    return _rows([c for c, _ in keep], [i for _, i in keep], runs_root)
+
+
+def current_runs(runs_root: PathLike) -> pd.DataFrame:
+    """Every complete run of the current code version under ``runs_root`` (runs of older code
+    stay on disk, under other ids, but are not mixed into the tables of this one)."""
+    runs = load_runs(runs_root)
+    if runs.empty:
+        return runs
+    return runs[runs["code_version"] == code_version()].reset_index(drop=True)
+
+
+__all__ = ["BENIGN_WARNINGS", "benign_warnings_silenced", "current_runs", "recipe_runs", "silence_benign_warnings",
+           "sweep"]

@@ -1,0 +1,224 @@
+"""Run configuration: one frozen dataclass that rejects unknown keys.
+
+A config states the *target* privacy budget (``target_epsilon``, ``delta``); the noise
+multiplier is derived from it at run time (:func:`.privacy.noise_multiplier_for`) and recorded
+with the run, never typed in by hand. Name-valued fields are checked against the registry that
+builds them (optimizers, accountants, front ends, backbones), so a name list cannot drift.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional, Union
+
+from ..errors import ConfigError, UnknownNameError
+from .backbones import BACKBONES
+from .frontends import FRONT_ENDS
+from .optim import OPTIMIZERS
+from .privacy import TRAINING_ACCOUNTANTS, check_epsilon_delta
+
+#: Fields that do not change what a run computes; they are left out of the run hash.
+NON_SEMANTIC_FIELDS = frozenset({"name", "recipe", "device", "num_threads", "progress",
+                                 "cache_dir"})
+#: Fields read only under DP; a non-private run ignores them, so they are not hashed there.
+DP_ONLY_FIELDS = ("target_epsilon", "delta", "max_grad_norm", "accountant",
+                  "max_physical_batch_size", "hist_noise")
+#: Fields read only by the logit-adjusted loss.
+LOGIT_ADJUST_FIELDS = ("la_tau", "hist_noise")
+
+LR_SCHEDULES = ("constant", "cosine")
+CLASS_WEIGHTS = ("none", "balanced")
+EVAL_SPLITS = ("val", "test")
+SPLITS = ("lesion", "official")
+#: every value of :attr:`RunConfig.method`
+METHODS = ("nonprivate-sgd", "nonprivate-adam", "dp-sgd", "dp-adam", "nonprivate-proposed-sgd",
+           "nonprivate-proposed-adam", "proposed-sgd", "proposed-adam")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one training run. See the field comments for units."""
+
+    name: str = "run"                       # human label; not part of the hash
+    recipe: Optional[str] = None            # recipe that built it (training.recipes); not hashed
+    seed: int = 0
+    # --- data -------------------------------------------------------------------------
+    dataset: str = "synthetic"              # registry name: synthetic | isic2018 | dermamnist
+    data_root: Optional[str] = None         # folder in the official layout (None: dataset default)
+    image_size: int = 32                    # px, side after centre crop + resize
+    split: str = "lesion"                   # lesion (seeded, grouped by lesion_id) | official
+    val_frac: float = 0.15
+    test_frac: float = 0.15
+    split_seed: int = 0                     # the split is shared across training seeds
+    synth_n: int = 1200                     # images in the synthetic dataset
+    normalisation: str = "imagenet"         # fixed public constants, see constants.NORMALISATIONS
+    augment_flips: bool = True              # random horizontal + vertical flips
+    augment_rot90: bool = True              # random multiples of 90 degrees (lesions have no "up")
+    augment_color: float = 0.0              # colour jitter strength (0 = off; 0.1 = +-10 %)
+    # --- model ------------------------------------------------------------------------
+    backbone: str = "smallcnn"
+    pretrained_path: Optional[str] = None   # local state_dict only; nothing is downloaded
+    # --- optimisation -----------------------------------------------------------------
+    optimizer: str = "sgd"                  # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.9                   # SGD only
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"           # constant | cosine (annealed per step to 0)
+    epochs: int = 10
+    batch_size: int = 128                   # expected (logical) batch size; Poisson under DP
+    max_physical_batch_size: Optional[int] = None  # split logical batches to bound memory
+    class_weights: str = "none"             # none | balanced (non-private only: uses counts)
+    early_stopping_patience: Optional[int] = None  # epochs without val improvement
+    eval_split: str = "test"                # split whose predictions are the run's result
+    # --- the proposed technique (training.technique, training.frontends); all off by default ------------
+    features: str = "pixels"                # front end (training.frontends): pixels | colour | scatter
+    logit_adjust: bool = False              # logit-adjusted loss with a (noisy under dp) class prior
+    la_tau: float = 1.0                     # logit-adjustment strength tau
+    hist_noise: float = 20.0                # std (in images) of the Gaussian noise on the histogram
+    ema_decay: Optional[float] = None       # EMA of weights, e.g. 0.99 (per optimizer step)
+    aug_mult: int = 1                       # augmentation multiplicity K (views averaged pre-clip)
+    # --- privacy ----------------------------------------------------------------------
+    dp: bool = False                        # DP-SGD / DP-Adam through Opacus when True
+    target_epsilon: Optional[float] = None  # required when dp
+    delta: Optional[float] = 1e-5           # must be < 1/N_train
+    max_grad_norm: float = 1.0              # per-sample clipping bound C (L2)
+    accountant: str = "prv"                 # prv | rdp (privacy.TRAINING_ACCOUNTANTS)
+    # --- execution (not hashed) -------------------------------------------------------
+    device: str = "auto"                    # auto | cpu | cuda
+    num_threads: Optional[int] = None       # torch CPU threads (None: torch default)
+    progress: bool = True                   # tqdm bars
+    cache_dir: Optional[str] = None         # decoded-image cache (None: DPSKIN_CACHE or ~/.cache)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        """Build from a mapping; unknown keys raise :class:`ConfigError` naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "RunConfig":
+        """Load a JSON or YAML config file."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        text = p.read_text()
+        if p.suffix in (".yml", ".yaml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of config keys")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with ``changes`` applied (validated again; unknown keys raise)."""
+        return RunConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def inactive_fields(self) -> frozenset:
+        """Fields this config never reads: DP-only fields of a non-private run, the logit
+        adjustment's fields without it, SGD's momentum under Adam."""
+        off = set()
+        if not self.dp:
+            off.update(DP_ONLY_FIELDS)
+        if not self.logit_adjust:
+            off.update(LOGIT_ADJUST_FIELDS)
+        if self.optimizer != "sgd":
+            off.add("momentum")
+        return frozenset(off)
+
+    def semantic_dict(self) -> Dict[str, Any]:
+        """The fields that determine the result (hashed into the run id): neither execution
+        settings nor fields the run never reads."""
+        skip = NON_SEMANTIC_FIELDS | self.inactive_fields()
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
+
+    @property
+    def uses_technique(self) -> bool:
+        """True when any lever of the proposed technique is on."""
+        return (self.features != "pixels" or self.logit_adjust or self.ema_decay is not None
+                or self.aug_mult > 1)
+
+    @property
+    def method(self) -> str:
+        """Short label: nonprivate-sgd, dp-sgd, nonprivate-adam, dp-adam, or proposed-*."""
+        prefix = "dp" if self.dp else "nonprivate"
+        if self.uses_technique:
+            prefix = "proposed" if self.dp else "nonprivate-proposed"
+        return f"{prefix}-{self.optimizer}"
+
+
+def _choice(cfg: RunConfig, field: str, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if getattr(cfg, field) not in allowed:
+        raise ConfigError(f"{field}={getattr(cfg, field)!r}; expected one of {', '.join(allowed)}")
+
+
+def _number(cfg: RunConfig, field: str, *, integer: bool = False, positive: bool = False,
+            optional: bool = False) -> None:
+    """A finite int/float (an int when ``integer``), > 0 when ``positive``; None if ``optional``."""
+    v = getattr(cfg, field)
+    if v is None and optional:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(v, bool) or not isinstance(v, kinds) or not math.isfinite(v):
+        raise ConfigError(f"{field} must be a finite {'integer' if integer else 'number'}, got {v!r}")
+    if positive and not v > 0:
+        raise ConfigError(f"{field} must be > 0, got {v!r}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no data. Checks against N (delta < 1/N, batch <= N) run in train."""
+    for f in ("image_size", "epochs", "batch_size", "synth_n"):
+        _number(cfg, f, integer=True, positive=True)
+    for f in ("lr", "max_grad_norm"):
+        _number(cfg, f, positive=True)
+    _choice(cfg, "optimizer", OPTIMIZERS.names())
+    _choice(cfg, "accountant", TRAINING_ACCOUNTANTS)
+    _choice(cfg, "lr_schedule", LR_SCHEDULES)
+    _choice(cfg, "class_weights", CLASS_WEIGHTS)
+    _choice(cfg, "eval_split", EVAL_SPLITS)
+    _choice(cfg, "split", SPLITS)
+    if not (0 < cfg.val_frac < 1 and 0 < cfg.test_frac < 1 and cfg.val_frac + cfg.test_frac < 1):
+        raise ConfigError(f"val_frac={cfg.val_frac}, test_frac={cfg.test_frac}: need 0 < each, sum < 1")
+    try:
+        front = FRONT_ENDS.get(cfg.features)
+    except UnknownNameError as e:
+        raise ConfigError(f"features: {e}") from None
+    if cfg.backbone not in BACKBONES:
+        raise ConfigError(f"backbone: {BACKBONES.kind} {cfg.backbone!r} unknown; known: "
+                          f"{', '.join(BACKBONES.names())}")
+    front.check(cfg)  # the front end's own constraints, e.g. which backbones take it
+    if not isinstance(cfg.aug_mult, int) or cfg.aug_mult < 1:
+        raise ConfigError(f"aug_mult must be an integer >= 1, got {cfg.aug_mult!r}")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise ConfigError(f"ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
+    if cfg.logit_adjust and not cfg.hist_noise > 0:
+        raise ConfigError(f"hist_noise must be > 0, got {cfg.hist_noise!r}")
+    if cfg.max_physical_batch_size is not None and cfg.max_physical_batch_size <= 0:
+        raise ConfigError("max_physical_batch_size must be > 0")
+    if cfg.dp:
+        if cfg.target_epsilon is None:
+            raise ConfigError("target_epsilon is required when dp=True")
+        check_epsilon_delta(cfg.target_epsilon, cfg.delta)
+        if cfg.class_weights != "none":
+            # Class weights from the training labels are a release of private data; the
+            # proposed technique spends budget on a noisy histogram instead.
+            raise ConfigError(
+                "class_weights='balanced' reads class counts of the private training data, "
+                "which is not covered by the DP guarantee; use class_weights='none' under dp"
+            )

@@ -1,0 +1,287 @@
+"""Recipes: every named way of training a model, built in one place from a profile's parameters.
+
+A recipe turns the typed parameters of a profile (:class:`Params`, one per profile of
+``experiments.yml``) into a :class:`RunConfig`; the notebooks, the benchmarks and the attacks
+chapter ask for recipes by name instead of typing config fields, so two chapters that mean the
+same recipe build the same config and share its run::
+
+    p = Params.from_mapping(load_registry().parameters_for("02_dp_sgd", "cpu"))
+    cfgs = RECIPES.get("dp-sgd").configs(p)          # backbones x epsilons x seeds of p
+    cfg = RECIPES.get("proposed").config(p, target_epsilon=3.0, seed=0)
+
+The recipe's name is recorded in the config (``RunConfig.recipe``) but not hashed: a run is
+identified by what it computes.
+"""
+from __future__ import annotations
+
+import itertools
+import inspect
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .config import RunConfig
+
+
+@dataclass(frozen=True)
+class Params:
+    """The parameters of a profile (``experiments.yml``), typed; unknown keys are rejected.
+
+    Grid axes (``backbones``, ``seeds``, ``epsilons``), the data, and the hyperparameters of
+    every recipe. The ``attack_*`` / ``overfit_*`` fields size the attacked models of the
+    attacks chapter (None: the plain recipe's value). Every field is required.
+    """
+
+    profile: str
+    runs_root: str
+    dataset: str
+    data_root: Optional[str]
+    synth_n: int
+    image_size: int
+    backbones: Tuple[str, ...]
+    seeds: Tuple[int, ...]
+    epsilons: Tuple[float, ...]
+    epochs: int                       # end-to-end recipes
+    batch_size: int                   # expected batch size (Poisson under DP)
+    lr_sgd: float
+    lr_adam: float
+    lr_dp_sgd: float
+    lr_dp_adam: float
+    max_grad_norm: float              # per-sample clipping bound C
+    delta: float
+    num_threads: Optional[int]
+    class_weights: str                # non-private recipes only (reads private class counts)
+    proposed_lr: float
+    proposed_batch_size: int
+    proposed_epochs: int
+    proposed_ema: float
+    # the attacked models (chapter 05_attacks); None: as the plain recipe
+    attack_epochs: Optional[int]
+    attack_pool_size: Optional[int]   # images of the membership game (None: the whole split)
+    attack_accountant: str
+    overfit_epochs: Optional[int]
+    overfit_batch_size: Optional[int]
+    overfit_optimizer: str
+
+    def __post_init__(self) -> None:
+        for name in ("backbones", "seeds", "epsilons"):  # lists from YAML / papermill
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("backbones", "seeds"):
+            if not getattr(self, name):
+                raise ConfigError(f"profile parameter {name} is empty")
+
+    @classmethod
+    def field_names(cls) -> List[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any], where: str = "profile parameters") -> "Params":
+        """Build from a mapping; unknown keys raise :class:`ConfigError` naming them."""
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(f"{where}: unknown parameter(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(cls.field_names())}")
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [n for n in required if n not in d]
+        if missing:
+            raise ConfigError(f"{where}: missing parameter(s) {', '.join(missing)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def from_namespace(cls, ns: Mapping[str, Any]) -> "Params":
+        """The parameters a notebook received: the names of :class:`Params` in ``ns`` (its
+        globals after papermill's injected cell)."""
+        return cls.from_mapping({k: ns[k] for k in cls.field_names() if k in ns},
+                                "notebook parameters")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named way of training: ``build(p)`` is its config; ``axes`` the grid it is swept over
+    (a subset of backbone, target_epsilon, seed)."""
+
+    name: str
+    label: str                        # for tables and figures
+    build: Callable[..., RunConfig]
+    axes: Tuple[str, ...]
+    description: str = ""
+
+    @property
+    def private(self) -> bool:
+        return "target_epsilon" in self.axes
+
+    def config(self, p: Params, *, n_train: Optional[int] = None, **point: Any) -> RunConfig:
+        """The config of one grid point (e.g. ``seed=1, target_epsilon=3.0``). ``n_train``
+        (images of the training split) goes to the recipes that scale with it."""
+        extra = set(point) - set(self.axes)
+        if extra:
+            raise ConfigError(f"recipe {self.name!r} is not swept over {', '.join(sorted(extra))}; "
+                              f"its axes: {', '.join(self.axes)}")
+        takes_n = "n_train" in inspect.signature(self.build).parameters
+        base = self.build(p, n_train=n_train) if takes_n else self.build(p)
+        return base.replace(recipe=self.name, name=self.name, **point)
+
+    def configs(self, p: Params, *, backbones: Optional[Sequence[str]] = None,
+                epsilons: Optional[Sequence[float]] = None, seeds: Optional[Sequence[int]] = None,
+                n_train: Optional[int] = None) -> List[RunConfig]:
+        """One config per point of the recipe's grid (the profile's lists unless given)."""
+        values = {"backbone": list(backbones or p.backbones),
+                  "target_epsilon": list(epsilons or p.epsilons), "seed": list(seeds or p.seeds)}
+        return [self.config(p, n_train=n_train, **dict(zip(self.axes, combo)))
+                for combo in itertools.product(*(values[a] for a in self.axes))]
+
+
+#: name -> Recipe
+RECIPES: Registry[Recipe] = Registry("recipe")
+E2E, DP, PROPOSED = ("backbone", "seed"), ("backbone", "target_epsilon", "seed"), ("target_epsilon", "seed")
+
+
+def _recipe(name: str, label: str, axes: Tuple[str, ...]) -> Callable[[Callable[..., RunConfig]], Callable[..., RunConfig]]:
+    def deco(build: Callable[..., RunConfig]) -> Callable[..., RunConfig]:
+        RECIPES.register(name)(Recipe(name, label, build, axes, (build.__doc__ or "").strip()))
+        return build
+    return deco
+
+
+def common(p: Params) -> Dict[str, Any]:
+    """The data and execution fields every recipe shares."""
+    return dict(dataset=p.dataset, data_root=p.data_root, synth_n=p.synth_n,
+                image_size=p.image_size, progress=False, num_threads=p.num_threads,
+                delta=p.delta, max_grad_norm=p.max_grad_norm)
+
+
+def _end_to_end(p: Params, **over: Any) -> RunConfig:
+    return RunConfig(backbone=p.backbones[0], epochs=p.epochs, batch_size=p.batch_size,
+                     **{**common(p), **over})
+
+
+# --------------------------------------------------------------------------- end to end
+@_recipe("nonprivate-sgd", "non-private SGD", E2E)
+def nonprivate_sgd(p: Params) -> RunConfig:
+    """The backbone trained without privacy by SGD (momentum 0.9), class-weighted loss."""
+    return _end_to_end(p, optimizer="sgd", lr=p.lr_sgd, class_weights=p.class_weights)
+
+
+@_recipe("nonprivate-adam", "non-private Adam", E2E)
+def nonprivate_adam(p: Params) -> RunConfig:
+    """The backbone trained without privacy by Adam, class-weighted loss."""
+    return _end_to_end(p, optimizer="adam", lr=p.lr_adam, class_weights=p.class_weights)
+
+
+@_recipe("dp-sgd", "DP-SGD", DP)
+def dp_sgd(p: Params) -> RunConfig:
+    """The backbone trained by DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise)."""
+    return _end_to_end(p, dp=True, target_epsilon=p.epsilons[0], optimizer="sgd", lr=p.lr_dp_sgd)
+
+
+@_recipe("dp-adam", "DP-Adam", DP)
+def dp_adam(p: Params) -> RunConfig:
+    """The backbone trained by DP-Adam (Adam's update on DP-SGD's noisy gradient)."""
+    return _end_to_end(p, dp=True, target_epsilon=p.epsilons[0], optimizer="adam", lr=p.lr_dp_adam)
+
+
+# --------------------------------------------------------------------------- the proposed technique
+@_recipe("proposed", "proposed (colour front end + DP-SGD)", PROPOSED)
+def proposed(p: Params) -> RunConfig:
+    """Colour-histogram front end, linear head by DP-SGD, logit adjustment by a noisy class
+    histogram (counted in eps), EMA of the weights."""
+    return RunConfig(features="colour", backbone="colour_linear", dp=True,
+                     target_epsilon=p.epsilons[0], logit_adjust=True, ema_decay=p.proposed_ema,
+                     optimizer="sgd", lr=p.proposed_lr, momentum=0.9,
+                     batch_size=p.proposed_batch_size, epochs=p.proposed_epochs,
+                     augment_flips=False, augment_rot90=False, **common(p))
+
+
+@_recipe("proposed-nonprivate", "proposed recipe, non-private", ("seed",))
+def proposed_nonprivate(p: Params) -> RunConfig:
+    """The proposed recipe without privacy (exact class prior): its ceiling."""
+    return proposed(p).replace(dp=False, target_epsilon=None)
+
+
+@_recipe("ablation/no-logit-adjustment", "without logit adjustment", PROPOSED)
+def ablation_no_logit_adjustment(p: Params) -> RunConfig:
+    """Plain cross-entropy, no histogram release: the whole budget goes to the gradient steps."""
+    return proposed(p).replace(logit_adjust=False)
+
+
+@_recipe("ablation/no-ema", "without EMA", PROPOSED)
+def ablation_no_ema(p: Params) -> RunConfig:
+    """The last iterate instead of the EMA of the weights."""
+    return proposed(p).replace(ema_decay=None)
+
+
+@_recipe("ablation/no-front-end", "without colour front end", PROPOSED)
+def ablation_no_front_end(p: Params) -> RunConfig:
+    """The end-to-end backbone on pixels at the DP-SGD schedule, keeping logit adjustment and EMA."""
+    return proposed(p).replace(features="pixels", backbone=p.backbones[0], lr=p.lr_dp_sgd,
+                               batch_size=p.batch_size, epochs=p.epochs, augment_flips=True,
+                               augment_rot90=True)
+
+
+@_recipe("ablation/scatter-front-end", "scattering front end instead of colour", PROPOSED)
+def ablation_scatter_front_end(p: Params) -> RunConfig:
+    """Wavelet scattering coefficients (kymatio) and their linear head instead of colour
+    histograms, with dihedral views in feature space."""
+    return proposed(p).replace(features="scatter", backbone="scatter_linear", augment_flips=True,
+                               augment_rot90=True)
+
+
+# --------------------------------------------------------------------------- attacked models
+def _attack(cfg: RunConfig, p: Params) -> RunConfig:
+    return cfg.replace(accountant=p.attack_accountant) if cfg.dp else cfg
+
+
+@_recipe("attack/nonprivate", "non-private", ("seed",))
+def attack_nonprivate(p: Params) -> RunConfig:
+    """The non-private SGD recipe, for ``attack_epochs``."""
+    return nonprivate_sgd(p).replace(epochs=p.attack_epochs or p.epochs)
+
+
+@_recipe("attack/nonprivate-no-augmentation", "non-private (no augmentation)", ("seed",))
+def attack_nonprivate_no_augmentation(p: Params) -> RunConfig:
+    """A non-private model that fits its training images: no flips or rotations, and the
+    ``overfit_*`` schedule (more, smaller steps; optimiser of choice)."""
+    lr = p.lr_adam if p.overfit_optimizer == "adam" else p.lr_sgd
+    return nonprivate_sgd(p).replace(
+        optimizer=p.overfit_optimizer, lr=lr, augment_flips=False, augment_rot90=False,
+        epochs=p.overfit_epochs or p.attack_epochs or p.epochs,
+        batch_size=p.overfit_batch_size or p.batch_size)
+
+
+@_recipe("attack/dp-sgd", "DP-SGD", PROPOSED)
+def attack_dp_sgd(p: Params) -> RunConfig:
+    """DP-SGD for ``attack_epochs``, noise calibrated by ``attack_accountant``."""
+    return _attack(dp_sgd(p).replace(epochs=p.attack_epochs or p.epochs), p)
+
+
+@_recipe("attack/dp-adam", "DP-Adam", PROPOSED)
+def attack_dp_adam(p: Params) -> RunConfig:
+    """DP-Adam for ``attack_epochs``, noise calibrated by ``attack_accountant``."""
+    return _attack(dp_adam(p).replace(epochs=p.attack_epochs or p.epochs), p)
+
+
+@_recipe("attack/proposed", "proposed", PROPOSED)
+def attack_proposed(p: Params, n_train: Optional[int] = None) -> RunConfig:
+    """The proposed recipe with its batch scaled to the attacked model's training set (half the
+    attack pool of an ``n_train``-image split): the same sampling rate as the full recipe."""
+    if n_train is None:
+        raise ConfigError("recipe 'attack/proposed' needs n_train (images in the training split)")
+    pool = p.attack_pool_size or n_train
+    batch = min(p.proposed_batch_size, max(1, round(p.proposed_batch_size * (pool // 2) / n_train)))
+    return _attack(proposed(p).replace(batch_size=batch), p)
+
+
+#: the attacked models of chapter 05, by the label its tables use
+ATTACK_MODELS = {"non-private": "attack/nonprivate",
+                 "non-private (no augmentation)": "attack/nonprivate-no-augmentation",
+                 "DP-SGD": "attack/dp-sgd", "DP-Adam": "attack/dp-adam",
+                 "proposed": "attack/proposed"}
+
+
+def recipe_label(name: Optional[str]) -> str:
+    """Human label of a recipe name (the name itself when unknown)."""
+    return RECIPES.get(name).label if name in RECIPES else str(name)
+
+
+__all__ = ["ATTACK_MODELS", "Params", "RECIPES", "Recipe", "common", "recipe_label"]

@@ -1,0 +1,99 @@
+"""The proposed technique: DP training aimed at *balanced* accuracy on small, skewed data.
+
+Four levers, each switched by a config field and ablated in the book (the front ends are
+in :mod:`.frontends`, their heads in :mod:`.backbones`; the losses and averages here):
+
+1. ``features="colour"`` (or ``"scatter"``) -- a data-independent front end. ``colour``
+   replaces each image by RGB colour histograms (4x4x4 bins, whole image and centre
+   crop, square-rooted: 128 numbers), a classical dermoscopy cue (lesion colours are a
+   diagnostic criterion: the ABCD rule's "C") that needs no learning at all. ``scatter``: Images are replaced once by
+   their wavelet scattering coefficients (Mallat 2012; J=2, L=8, per colour channel: 243
+   channels at S/4 x S/4), then a small head is trained. The transform has no parameters
+   and sees no labels, so it costs no privacy; it removes most of the parameters DP noise
+   has to fight (Tramer & Boneh 2021, "Differentially private learning needs better
+   features").
+2. ``logit_adjust=True`` -- balance through the loss, not the weights. Per-sample clipping
+   undoes class weights (a clipped gradient has norm C whatever its weight), but it keeps
+   the *direction* of a logit-adjusted loss, CE(f(x) + tau log pi, y) (Menon et al. 2021),
+   whose minimiser is the balanced-error Bayes classifier when f is evaluated unadjusted.
+   The class prior pi comes from a class histogram released once with the Gaussian
+   mechanism (L2 sensitivity 1 under add/remove of one image, noise std ``hist_noise``);
+   that release is composed with DP-SGD in the accountant as the step (hist_noise, q=1, 1).
+3. ``ema_decay`` -- an exponential moving average of the iterates (post-processing: free),
+   which averages out DP noise in the final model.
+4. ``aug_mult=K`` -- augmentation multiplicity (De et al. 2022): each sample's gradient is
+   the average over K augmented views *before* clipping, so augmentation adds signal
+   without adding sensitivity.
+
+Privacy: the released objects are the noisy histogram and the DP-SGD iterates; everything
+else (scattering, EMA, evaluation) is post-processing. Total eps is the accountant's
+composition of [(hist_noise, 1, 1), (sigma, q, T)] at delta, and sigma is derived so that
+this total meets the target.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..constants import NUM_CLASSES
+
+
+def noisy_class_histogram(labels: np.ndarray, noise_std: float, generator: torch.Generator,
+                          num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Class counts + N(0, noise_std^2) per bin: the Gaussian mechanism, L2 sensitivity 1.
+
+    Adding or removing one image changes one bin by 1, so the L2 sensitivity is 1 and this
+    release is the Gaussian mechanism with noise multiplier ``noise_std``.
+    """
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    noise = torch.randn(num_classes, generator=generator, dtype=torch.float64).numpy() * noise_std
+    return counts + noise
+
+
+def log_prior(counts: np.ndarray, floor: float = 1.0) -> np.ndarray:
+    """log of the class prior from (noisy) counts, each count floored at ``floor``."""
+    c = np.maximum(np.asarray(counts, dtype=np.float64), floor)
+    return np.log(c / c.sum())
+
+
+class LogitAdjustedLoss(nn.Module):
+    """CE(logits + tau * log_prior, y) (Menon et al. 2021); predict with plain logits."""
+
+    def __init__(self, log_prior_: np.ndarray, tau: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(tau * np.asarray(log_prior_), dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits + self.shift, y)
+
+
+class EMA:
+    """Exponential moving average of parameters (post-processing of DP iterates: free)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def average_grad_samples(model: nn.Module, k: int) -> None:
+    """Augmentation multiplicity: average Opacus' per-sample gradients over groups of k views.
+
+    The batch was laid out as B images x k views (view-major within an image), so
+    ``grad_sample`` (B*k, ...) becomes (B, ...) before the optimizer clips per sample.
+    """
+    for p in model.parameters():
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            continue
+        if isinstance(gs, list):
+            gs = torch.cat(gs)
+        p.grad_sample = gs.view(-1, k, *gs.shape[1:]).mean(dim=1)

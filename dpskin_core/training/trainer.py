@@ -1,0 +1,543 @@
+"""The one entry point: ``run(config) -> RunResult``, composed of named steps.
+
+Non-private SGD/Adam, and DP-SGD/DP-Adam through Opacus' ``PrivacyEngine`` with Poisson
+sampling and per-sample clipping. The noise multiplier is derived from the target
+(eps, delta) before training (:func:`.privacy.noise_multiplier_for`) and recorded.
+
+The steps, in the spirit of Opacus' ``make_private`` / ``pre_step``::
+
+    session = start(cfg, data, run_dir)    # checks, model, loss, optimizer, make_private, record
+    resume(session)                        # from checkpoints/last.pt, if any
+    for epoch in ...:
+        train_one_epoch(session, epoch)
+        validate(session, epoch)
+        checkpoint(session, epoch)
+    finish(session)                        # evaluate the released model, write the record
+
+Reproducibility and resume: every random stream (batch sampling, DP noise, augmentation,
+dropout) is re-seeded at the start of each epoch from ``(seed, epoch)``, and a
+:class:`.checkpoint.Checkpoint` is written atomically after each epoch. A run interrupted
+after epoch k therefore resumes at epoch k+1 and ends with the same weights and the same eps
+as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import resource
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from ..constants import CLASSES
+from ..data import DataBundle, DataSpec, load_data
+from ..errors import ConfigError
+from ..files import read_json, write_atomic, write_json
+from . import privacy, records
+from .backbones import build_backbone
+from .checkpoint import Checkpoint, StateDict, released_weights, save_best
+from .config import RunConfig
+from .frontends import Inputs
+from .metrics import evaluate
+from .optim import build_optimizer
+
+
+@dataclass
+class RunResult:
+    """What a run produced; everything here is also on disk in ``run_dir``."""
+
+    run_id: str
+    run_dir: Path
+    config: RunConfig
+    final_metrics: Dict[str, float]
+    epsilon: Optional[float]
+    noise_multiplier: Optional[float]
+    metrics: pd.DataFrame
+    meta: Dict[str, Any] = field(default_factory=dict)
+    reused: bool = False
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA when present (for "auto"), else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def _seed(*parts: Any) -> int:
+    """A 63-bit seed derived from ``parts`` (stable across processes, unlike hash())."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def data_spec(cfg: RunConfig) -> DataSpec:
+    """The data fields of ``cfg``."""
+    return DataSpec(dataset=cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size,
+                    split=cfg.split, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
+                    split_seed=cfg.split_seed, cache_dir=cfg.cache_dir, synth_n=cfg.synth_n)
+
+
+def check_against_data(cfg: RunConfig, data: DataBundle) -> None:
+    """Checks that need N: batch size, delta < 1/N, non-empty evaluation split."""
+    n = len(data.y_train)
+    if cfg.batch_size > n:
+        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training set (N = {n})")
+    if cfg.dp:
+        privacy.check_epsilon_delta(cfg.target_epsilon, cfg.delta, n)
+    for split in {"val", cfg.eval_split}:
+        if len(getattr(data, f"y_{split}")) == 0:
+            raise ConfigError(f"the {split} split is empty; change val_frac/test_frac")
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: torch.Tensor, inputs: Inputs, batch: int = 512) -> np.ndarray:
+    """Softmax probabilities (N, C) of stored rows ``x`` (images or features)."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch):
+        out.append(torch.softmax(model(inputs.eval(x[i:i + batch])).float(), dim=1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)))
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return getattr(model, "_module", model)  # Opacus' GradSampleModule wraps the model
+
+
+def _state_dict(model: nn.Module) -> StateDict:
+    return {k: v.detach().cpu().clone() for k, v in _unwrapped(model).state_dict().items()}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+
+
+# --------------------------------------------------------------------------- setup steps
+@dataclass
+class TrainingSetup:
+    """Model, optimizer, loader (and privacy engine) wired for one run."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader            # yields (index tensor,) batches into the training arrays
+    scheduler: Any
+    criterion: nn.Module
+    engine: Any                   # opacus.PrivacyEngine or None
+    noise_multiplier: Optional[float]
+    sample_rate: Optional[float]
+    steps_per_epoch: int
+    g_sample: torch.Generator     # batch sampling (Poisson under DP, shuffling otherwise)
+    g_noise: torch.Generator      # DP noise
+    g_aug: torch.Generator        # augmentations
+    eval_model: nn.Module         # plain copy of the architecture, loaded with the weights to evaluate
+    ema: Any = None               # technique.EMA or None
+    prefix_history: tuple = ()    # releases before training, composed in the accountant
+    released: Dict[str, Any] = field(default_factory=dict)  # what was released, for the record
+
+
+def build_criterion(cfg: RunConfig, data: DataBundle,
+                    device: torch.device) -> Tuple[nn.Module, tuple, Dict[str, Any]]:
+    """(loss, releases before training, their record).
+
+    The logit-adjusted loss needs the class prior: under DP a noisy class histogram released
+    once with the Gaussian mechanism (composed into eps as the step (sigma_h, q=1, 1));
+    non-private runs read the exact counts, as do the balanced class weights (which the
+    config refuses under DP).
+    """
+    counts = np.bincount(data.y_train, minlength=len(CLASSES)).astype(float)
+    if cfg.logit_adjust:
+        from .technique import LogitAdjustedLoss, log_prior, noisy_class_histogram
+
+        prefix: tuple = ()
+        released: Dict[str, Any] = {}
+        if cfg.dp:
+            counts = noisy_class_histogram(data.y_train, cfg.hist_noise,
+                                           torch.Generator().manual_seed(_seed(cfg.seed, "histogram")))
+            prefix = ((float(cfg.hist_noise), 1.0, 1),)
+            released = {"class_histogram": counts.round(2).tolist(), "hist_noise": cfg.hist_noise}
+        return LogitAdjustedLoss(log_prior(counts), cfg.la_tau).to(device), prefix, released
+    if cfg.class_weights == "balanced":
+        w = torch.tensor(counts.sum() / (len(CLASSES) * np.maximum(counts, 1)), dtype=torch.float32)
+        return nn.CrossEntropyLoss(weight=w.to(device)), (), {}
+    return nn.CrossEntropyLoss(), (), {}
+
+
+def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loader: DataLoader, n_train: int, total_steps: int, prefix: tuple,
+                 g_sample: torch.Generator, g_noise: torch.Generator):
+    """Opacus' ``make_private`` with sigma derived from the target: (engine, model, optimizer,
+    loader, sigma, q).
+
+    The loader becomes Opacus' DPDataLoader: every training image enters each batch
+    independently with probability q = 1/ceil(N/B) (Poisson sampling, as the accountant
+    assumes), ceil(N/B) batches per epoch. Releases made before training (``prefix``) are
+    put first in the accountant's history, so the reported eps composes them.
+    """
+    from opacus import PrivacyEngine
+
+    q = privacy.sample_rate_for(cfg.batch_size, n_train)
+    sigma = privacy.noise_multiplier_for(cfg.target_epsilon, cfg.delta, q, total_steps,
+                                         cfg.accountant, prefix=prefix)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about secure_mode=False (research use)
+        engine = PrivacyEngine(accountant=cfg.accountant)
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+            max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, noise_generator=g_noise)
+    loader.batch_sampler.generator = g_sample  # the Poisson sampler draws from our stream
+    engine.accountant.history = list(prefix)   # e.g. the histogram release, before any step
+    assert abs(loader.sample_rate - q) < 1e-12, "accountant and sampler disagree on q"
+    return engine, model, optimizer, loader, sigma, q
+
+
+def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device) -> TrainingSetup:
+    """Build the model, loss and optimizer; under DP, derive sigma and make them private."""
+    n_train = len(data.y_train)
+    torch.manual_seed(_seed(cfg.seed, "init"))
+    model = build_backbone(cfg.backbone, num_classes=len(CLASSES),
+                           pretrained_path=cfg.pretrained_path).to(device)
+    eval_model = build_backbone(cfg.backbone, num_classes=len(CLASSES)).to(device)
+    criterion, prefix, released = build_criterion(cfg, data, device)
+    optimizer = build_optimizer(model.parameters(), cfg)
+    g_sample, g_noise, g_aug = torch.Generator(), torch.Generator(device=device), torch.Generator()
+    loader = DataLoader(TensorDataset(torch.arange(n_train)), batch_size=cfg.batch_size,
+                        shuffle=not cfg.dp, generator=g_sample)
+    steps_per_epoch = privacy.steps_per_epoch(cfg.batch_size, n_train)
+    total_steps = steps_per_epoch * cfg.epochs
+    engine, sigma, q = None, None, None
+    if cfg.dp:
+        engine, model, optimizer, loader, sigma, q = make_private(
+            cfg, model, optimizer, loader, n_train, total_steps, prefix, g_sample, g_noise)
+    schedule = (lambda s: 1.0) if cfg.lr_schedule == "constant" else (
+        lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        getattr(optimizer, "original_optimizer", optimizer), schedule)
+    ema = None
+    if cfg.ema_decay is not None:
+        from .technique import EMA
+
+        ema = EMA(_unwrapped(model), cfg.ema_decay)
+    return TrainingSetup(model, optimizer, loader, scheduler, criterion, engine, sigma, q,
+                         steps_per_epoch, g_sample, g_noise, g_aug, eval_model, ema, prefix, released)
+
+
+# --------------------------------------------------------------------------- the session
+@dataclass
+class Session:
+    """A run in progress: config, data, folder, training setup, record and metric rows."""
+
+    cfg: RunConfig
+    run_dir: Path
+    data: DataBundle
+    device: torch.device
+    setup: TrainingSetup
+    inputs: Inputs
+    meta: Dict[str, Any] = field(default_factory=dict)
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    best: Dict[str, Any] = field(default_factory=lambda: {"score": -1.0, "epoch": 0, "since": 0})
+    start_epoch: int = 1
+    epoch: int = 0                # last finished epoch
+    eps: Optional[float] = None   # eps spent after the last training epoch (None: non-private)
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def meta_path(self) -> Path:
+        return self.run_dir / "meta.json"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def eps_now(self) -> Optional[float]:
+        engine = self.setup.engine
+        return None if engine is None else float(engine.accountant.get_epsilon(self.cfg.delta))
+
+    def log(self, epoch: int, split: str, metrics: Dict[str, float], eps: Optional[float]) -> None:
+        cfg = self.cfg
+        for k, v in metrics.items():
+            self.rows.append({"run": self.run_dir.name, "seed": cfg.seed, "epoch": epoch,
+                              "split": split, "metric": k, "value": float(v), "eps": eps,
+                              "delta": cfg.delta if cfg.dp else None,
+                              "noise_multiplier": self.setup.noise_multiplier})
+
+    def metrics_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=records.METRIC_COLUMNS)
+
+    def write_meta(self) -> None:
+        write_json(self.meta_path, self.meta)
+
+
+def start(cfg: RunConfig, data: DataBundle, run_dir: Path) -> Session:
+    """Step 1: checks against the data, then model, loss, optimizer (private under DP)."""
+    check_against_data(cfg, data)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = pick_device(cfg.device)
+    setup = setup_training(cfg, data, device)
+    return Session(cfg, run_dir, data, device, setup, Inputs(cfg, data, device))
+
+
+def resume(s: Session) -> None:
+    """Step 2: restore the state of the last finished epoch, if a checkpoint exists; then
+    (re)write the config and the record's header."""
+    ck = Checkpoint.load(s.ckpt_dir)
+    setup, cfg = s.setup, s.cfg
+    if ck is not None:
+        _unwrapped(setup.model).load_state_dict(ck.model)
+        getattr(setup.optimizer, "original_optimizer", setup.optimizer).load_state_dict(ck.optimizer)
+        setup.scheduler.load_state_dict(ck.scheduler)
+        if setup.engine is not None:
+            setup.engine.accountant.load_state_dict(ck.accountant)
+        if setup.ema is not None:
+            setup.ema.shadow = ck.ema
+        s.rows, s.best, s.start_epoch, s.epoch = ck.rows, ck.best, ck.epoch + 1, ck.epoch
+        s.meta = read_json(s.meta_path) if s.meta_path.is_file() else {}
+        s.meta.setdefault("resumed_at_epochs", []).append(ck.epoch)
+    data, device = s.data, s.device
+    s.meta.update({
+        "run_id": s.run_dir.name, "name": cfg.name, "recipe": cfg.recipe, "method": cfg.method,
+        "status": "running", "code_version": records.code_version(), **records.git_commit(),
+        "packages": records.package_versions(), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "n_train": len(data.y_train), "n_val": len(data.y_val), "n_test": len(data.y_test),
+        "data_info": data.info, "steps_per_epoch": setup.steps_per_epoch,
+        "noise_multiplier": setup.noise_multiplier, "sample_rate": setup.sample_rate,
+        "delta": cfg.delta if cfg.dp else None, "accountant": cfg.accountant if cfg.dp else None,
+        "max_grad_norm": cfg.max_grad_norm, "notes": _notes(cfg),
+        "released_before_training": setup.released,
+        "prefix_history": privacy.history_summary(setup.prefix_history),
+    })
+    write_json(s.run_dir / "config.json", cfg.to_dict())
+    s.write_meta()
+
+
+def reseed(s: Session, epoch: int) -> None:
+    """Re-seed every stream from (seed, epoch): a resumed run draws the same numbers."""
+    seed, st = s.cfg.seed, s.setup
+    st.g_sample.manual_seed(_seed(seed, epoch, "sample"))
+    st.g_noise.manual_seed(_seed(seed, epoch, "noise"))
+    st.g_aug.manual_seed(_seed(seed, epoch, "augment"))
+    torch.manual_seed(_seed(seed, epoch, "torch"))
+    random.seed(_seed(seed, epoch, "python"))
+
+
+def _batches(loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: RunConfig):
+    """Logical batches, split into physical ones of at most max_physical_batch_size under DP."""
+    if cfg.dp and cfg.max_physical_batch_size and cfg.max_physical_batch_size < cfg.batch_size:
+        from opacus.utils.batch_memory_manager import wrap_data_loader
+
+        return wrap_data_loader(data_loader=loader, max_batch_size=cfg.max_physical_batch_size,
+                                optimizer=optimizer)
+    return loader
+
+
+def train_one_epoch(s: Session, epoch: int) -> Dict[str, float]:
+    """Step 3: one pass of (Poisson) batches; logs and returns the training metrics."""
+    cfg, st, inputs = s.cfg, s.setup, s.inputs
+    model, optimizer, k = st.model, st.optimizer, cfg.aug_mult
+    y_tr = torch.from_numpy(s.data.y_train.astype(np.int64))
+    reseed(s, epoch)
+    model.train()
+    t0 = time.perf_counter()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(_batches(st.loader, optimizer, cfg), total=st.steps_per_epoch,
+               desc=f"{cfg.name} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+    last_eps = s.rows[-1]["eps"] if s.rows else (0.0 if st.engine else None)
+    for (idx,) in bar:
+        xb = inputs.train(inputs.train_x[idx], st.g_aug)  # (B*K, ...) augmented views
+        yb = y_tr[idx].to(s.device, non_blocking=True).repeat_interleave(k)
+        optimizer.zero_grad(set_to_none=True)
+        if len(idx) > 0:
+            out = model(xb)
+            loss = st.criterion(out, yb)
+            loss.backward()
+            if st.engine is not None and k > 1:
+                from .technique import average_grad_samples
+
+                average_grad_samples(model, k)  # one clipped gradient per image
+            loss_sum += loss.item() * len(idx)
+            correct += int((out.argmax(1) == yb).sum()) / k
+            seen += len(idx)
+        optimizer.step()
+        if not getattr(optimizer, "_is_last_step_skipped", False):
+            st.scheduler.step()  # once per logical batch
+            if st.ema is not None:
+                st.ema.update(_unwrapped(model))
+        bar.set_postfix(loss=loss_sum / max(seen, 1), acc=correct / max(seen, 1), eps=last_eps)
+    s.meta["train_time_s"] = s.meta.get("train_time_s", 0.0) + time.perf_counter() - t0
+    s.meta["train_images"] = s.meta.get("train_images", 0) + seen
+    metrics = {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
+               "lr": st.scheduler.get_last_lr()[0]}
+    s.eps = s.eps_now()
+    s.log(epoch, "train", metrics, s.eps)
+    return metrics
+
+
+def _evaluated_state(s: Session) -> StateDict:
+    return s.setup.ema.shadow if s.setup.ema is not None else _state_dict(s.setup.model)
+
+
+def validate(s: Session, epoch: int) -> float:
+    """Step 4: evaluate the weights the run would release (EMA when kept) on the validation
+    split; keep them as ``best.pt`` when they improve. Returns the balanced accuracy."""
+    st = s.setup
+    st.eval_model.load_state_dict(_evaluated_state(s))
+    eps = s.eps
+    val_metrics = evaluate(s.data.y_val, predict_proba(st.eval_model, s.inputs.val_x, s.inputs))
+    s.log(epoch, "val", val_metrics, eps)
+    score = val_metrics["balanced_accuracy"]
+    if score > s.best["score"]:
+        s.best = {"score": score, "epoch": epoch, "since": 0}
+        save_best(s.ckpt_dir, _evaluated_state(s), epoch)
+    else:
+        s.best["since"] += 1
+    if s.cfg.progress:
+        train_loss = next(r["value"] for r in reversed(s.rows)
+                          if r["split"] == "train" and r["metric"] == "loss")
+        tqdm.write(f"[{s.cfg.name}] epoch {epoch}: train loss {train_loss:.3f} val bacc {score:.3f}"
+                   + (f" eps {eps:.2f}" if eps is not None else ""))
+    return score
+
+
+def checkpoint(s: Session, epoch: int) -> None:
+    """Step 5: write the state after ``epoch`` atomically, then the record."""
+    st = s.setup
+    s.epoch = epoch
+    Checkpoint(
+        epoch=epoch, model=_state_dict(st.model),
+        optimizer=getattr(st.optimizer, "original_optimizer", st.optimizer).state_dict(),
+        scheduler=st.scheduler.state_dict(),
+        accountant=st.engine.accountant.state_dict() if st.engine else None,
+        ema=st.ema.shadow if st.ema is not None else None,
+        rng={"torch": torch.get_rng_state(), "sample": st.g_sample.get_state(),
+             "noise": st.g_noise.get_state(), "augment": st.g_aug.get_state(),
+             "numpy": np.random.get_state(), "python": random.getstate()},
+        best=s.best, rows=s.rows).save(s.ckpt_dir)
+    s.write_meta()
+
+
+def early_stop(s: Session, epoch: int) -> bool:
+    """Whether validation has not improved for ``early_stopping_patience`` epochs."""
+    patience = s.cfg.early_stopping_patience
+    if patience is not None and s.best["since"] >= patience:
+        s.meta["early_stopped_at_epoch"] = epoch
+        return True
+    return False
+
+
+def finish(s: Session) -> RunResult:
+    """Step 6: evaluate the released model (:func:`.checkpoint.released_weights`) on the
+    evaluation split; write predictions, metrics and the complete record."""
+    cfg, st, data = s.cfg, s.setup, s.data
+    weights, ck_epoch, source = released_weights(s.ckpt_dir, cfg.early_stopping_patience is not None)
+    st.eval_model.load_state_dict(weights)
+    eval_epoch = s.best["epoch"] if source == "best.pt" else s.epoch
+    eps = s.eps_now()
+    # optimizer steps taken; under DP read from the accountant, which survives resumes
+    steps_taken = (int(sum(h[2] for h in st.engine.accountant.history[len(st.prefix_history):]))
+                   if st.engine is not None else s.epoch * st.steps_per_epoch)
+    y_ev = getattr(data, f"y_{cfg.eval_split}")
+    probs = predict_proba(st.eval_model, s.inputs.eval_x, s.inputs)
+    final = evaluate(y_ev, probs)
+    s.log(eval_epoch, cfg.eval_split, final, eps)
+    split_meta = data.meta[data.meta["split"] == cfg.eval_split].reset_index(drop=True)
+    pred = pd.DataFrame({"image": split_meta["image"], "label": y_ev, "pred": probs.argmax(1)})
+    for i, c in enumerate(CLASSES):
+        pred[f"prob_{c}"] = probs[:, i]
+    write_atomic(s.run_dir / "predictions.csv", pred.to_csv(index=False))
+    metrics_df = s.metrics_frame()
+    write_atomic(s.run_dir / "metrics.csv", metrics_df.to_csv(index=False))
+    train_time = s.meta.get("train_time_s", 0.0)
+    s.meta.update({
+        "status": "complete", "epsilon": eps, "steps": steps_taken,
+        "final_metrics": final, "eval_epoch": eval_epoch, "eval_split": cfg.eval_split,
+        "wall_time_s": s.meta.get("wall_time_s", 0.0) + time.perf_counter() - s.t_start,
+        "train_images_per_s": s.meta.get("train_images", 0) / train_time if train_time else None,
+        "seconds_per_step": train_time / max(1, steps_taken),
+        "peak_memory_mb": _peak_memory_mb(s.device),
+        "privacy_history": privacy.history_summary(st.engine.accountant.history) if st.engine else None,
+    })
+    s.write_meta()
+    return RunResult(s.run_dir.name, s.run_dir, cfg, final, eps, st.noise_multiplier, metrics_df, s.meta)
+
+
+def run(
+    config: Union[RunConfig, Dict[str, Any]],
+    runs_root: Optional[Union[str, Path]] = None,
+    *,
+    data: Optional[DataBundle] = None,
+    stop_after_epoch: Optional[int] = None,
+) -> RunResult:
+    """Train and evaluate one configuration, writing its run record.
+
+    A run whose folder already holds a complete record (same config and code version) is
+    not trained again: its record is returned with ``reused=True``. A run with a checkpoint
+    resumes after the last finished epoch. ``stop_after_epoch`` ends the call early (status
+    "stopped"), as an interruption would; calling ``run`` again resumes it.
+    """
+    cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
+    run_dir = records.run_dir_for(cfg, runs_root)
+    meta_path = run_dir / "meta.json"
+    if meta_path.is_file() and read_json(meta_path).get("status") == "complete":
+        return _load_result(run_dir, cfg)
+    # everything that can fail on bad input happens before training
+    s = start(cfg, data if data is not None else load_data(data_spec(cfg)), run_dir)
+    resume(s)
+    try:
+        for epoch in range(s.start_epoch, cfg.epochs + 1):
+            if stop_after_epoch is not None and epoch > stop_after_epoch:
+                s.meta["status"] = "stopped"
+                s.write_meta()
+                return RunResult(s.run_dir.name, run_dir, cfg, {}, s.eps_now(),
+                                 s.setup.noise_multiplier, s.metrics_frame(), s.meta)
+            train_one_epoch(s, epoch)
+            validate(s, epoch)
+            checkpoint(s, epoch)
+            if early_stop(s, epoch):
+                break
+    except BaseException:
+        s.meta["status"] = "interrupted"
+        s.write_meta()
+        raise
+    return finish(s)
+
+
+def _notes(cfg: RunConfig) -> List[str]:
+    notes = ["Normalisation uses fixed public constants (" + cfg.normalisation + "), no data statistics."]
+    if cfg.dp:
+        notes.append(
+            f"(eps, delta)-DP for the training split by DP-{cfg.optimizer.upper()} (Opacus, Poisson "
+            f"sampling, per-sample clipping C={cfg.max_grad_norm}); eps from the {cfg.accountant} "
+            "accountant. Opacus secure_mode is off (seeded PRNG noise): fine for research, not for "
+            "deployment.")
+        notes.append("Model selection on the validation split (early stopping, best epoch) is not "
+                     "counted in eps." if cfg.early_stopping_patience is not None else
+                     "The final model is the last iterate; no validation-based choice is made.")
+        if cfg.logit_adjust:
+            notes.append(
+                f"The class prior of the logit-adjusted loss is a class histogram released once "
+                f"with the Gaussian mechanism (L2 sensitivity 1, noise std {cfg.hist_noise}); eps "
+                "is the accountant's composition of that release (as one step with q = 1) and "
+                "the DP training steps.")
+    else:
+        notes.append("Non-private: no privacy guarantee.")
+    return notes
+
+
+def _load_result(run_dir: Path, cfg: RunConfig) -> RunResult:
+    meta = read_json(run_dir / "meta.json")
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    return RunResult(run_dir.name, run_dir, cfg, meta.get("final_metrics", {}), meta.get("epsilon"),
+                     meta.get("noise_multiplier"), metrics, meta, reused=True)

@@ -1,0 +1,148 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["parameters"]
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them, e.g.
+# {"epochs": 2, "seeds": [0]}. This one source is executed twice by the registry: the DP-SGD
+# chapter (optimizer = "sgd") and the DP-Adam chapter (optimizer = "adam").
+profile = "smoke"
+overrides = {}
+optimizer = "sgd"
+
+# %% [markdown]
+# # Training with DP
+#
+# Each backbone trained with {glue:text}`dp_name` at every privacy budget $\varepsilon$ of the
+# profile ($\delta$ fixed), against the same backbone trained without privacy by the same
+# optimiser. DP-SGD clips each example's gradient and adds Gaussian noise to their sum; DP-Adam
+# feeds Adam's moment estimates with that same clipped and noised gradient, so for the same
+# sampling rate, noise multiplier and number of steps both have exactly the same privacy cost
+# (the moments are post-processing) and only the utility differs. The noise multiplier of each
+# run is derived from its target $(\varepsilon, \delta)$, its sampling rate and its number of
+# steps (see the Methods chapter) and read back from its record.
+
+# %% tags=["remove-cell"]
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from dpskin_core.book import figures
+from dpskin_core.book.registry import profile_params
+from dpskin_core.book.sweeps import sweep
+from dpskin_core.book.tables import glue
+from dpskin_core.training.recipes import RECIPES
+from dpskin_core.training.records import load_metrics
+
+sns.set_theme(style="whitegrid", context="notebook")
+pd.set_option("display.precision", 3)
+P = profile_params(profile, overrides)
+backbones, epsilons, delta = P.backbones, P.epsilons, P.delta
+DP_RECIPE = RECIPES.get(f"dp-{optimizer}")
+DP_NAME = DP_RECIPE.label
+glue("dp_name", DP_NAME, display=False)
+
+# %% [markdown]
+# ## Training
+#
+# The non-private reference runs are the ones of the baseline chapter (same configuration, so
+# they are read back, not retrained); then one private run per backbone, budget and seed.
+
+# %% tags=["hide-output"]
+nonprivate = sweep(RECIPES.get(f"nonprivate-{optimizer}").configs(P), P.runs_root)
+private = sweep(DP_RECIPE.configs(P), P.runs_root)
+runs = pd.concat([nonprivate, private], ignore_index=True)
+budget_order = figures.with_budget(runs, epsilons)
+metrics = load_metrics(P.runs_root)
+
+# %% [markdown]
+# ## Test-set results
+#
+# Mean ± standard deviation over seeds ($n$ seeds). *achieved ε* is what the accountant
+# certifies after the last step (at most the target), $\sigma$ the noise multiplier the target
+# required, *steps* the number of noisy gradient steps.
+
+# %%
+figures.dp_results_table(runs, budget_order)
+
+# %% tags=["remove-cell"]
+b0 = backbones[0]
+for key, value in figures.dp_headline(runs, b0, epsilons).items():
+    glue(key, value, display=False)
+
+# %% [markdown]
+# With the {glue:text}`backbone` network, non-private training reaches a balanced accuracy of
+# {glue:text}`np_bacc:.3f` ± {glue:text}`np_std:.3f`. With {glue:text}`dp_name` at
+# $\varepsilon$ = {glue:text}`eps_hi:g` (noise multiplier {glue:text}`sigma_hi:.2f`) it reaches
+# {glue:text}`hi_bacc:.3f` ± {glue:text}`hi_std:.3f`, and at $\varepsilon$ =
+# {glue:text}`eps_lo:g` ($\sigma$ = {glue:text}`sigma_lo:.2f`) {glue:text}`lo_bacc:.3f` ±
+# {glue:text}`lo_std:.3f` ($n$ = {glue:text}`n_seeds` seeds each). Per-example gradients make
+# private training {glue:text}`slowdown:.1f` times slower per image on this machine.
+
+# %% [markdown]
+# ## Training curves
+#
+# Validation balanced accuracy and training loss after each epoch, per privacy budget (mean
+# over seeds, band: ± one standard deviation).
+
+# %% tags=["hide-input"]
+figures.training_curves(metrics, runs, budget_order)
+plt.show()
+
+# %% [markdown]
+# ## Privacy spent over training
+#
+# The accountant's $\varepsilon$ after each epoch, against the number of noisy steps taken. It
+# grows sub-linearly in the number of steps and reaches the target exactly at the end: the
+# noise multiplier was chosen for that.
+
+# %% tags=["hide-input"]
+figures.eps_over_steps_figure(metrics, runs, epsilons, delta, f"{DP_NAME}: ε spent over training");
+
+# %% [markdown]
+# ## Balanced accuracy against the privacy budget
+#
+# Mean ± one standard deviation over seeds; dashed: the non-private model of each backbone.
+
+# %% tags=["hide-input"]
+runs["model"] = [f"{DP_NAME}, {b}" if dp else f"non-private, {b}"
+                 for dp, b in zip(runs["dp"].astype(bool), runs["backbone"])]
+figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
+
+# %% [markdown]
+# ## Who loses most under DP
+#
+# Recall of every class (mean over seeds) without privacy and at each budget, for the
+# {glue:text}`backbone` network, and the drop in recall from the non-private model.
+
+# %%
+wide = figures.recall_drop(runs, b0, epsilons, budget_order)
+wide
+
+# %% tags=["hide-input"]
+figures.recall_drop_figure(wide);
+
+# %% tags=["remove-cell"]
+drop_lo = wide[f"drop at ε = {min(epsilons):g}"]
+glue("worst_class", str(drop_lo.idxmax()), display=False)
+glue("worst_drop", float(drop_lo.max()), display=False)
+glue("best_class", str(drop_lo.idxmin()), display=False)
+glue("best_drop", float(drop_lo.min()), display=False)
+
+# %% [markdown]
+# At $\varepsilon$ = {glue:text}`eps_lo:g` the class that loses most recall is
+# {glue:text}`worst_class` ({glue:text}`worst_drop:.2f`), the one that loses least
+# {glue:text}`best_class` ({glue:text}`best_drop:.2f`; a negative drop is a gain). Under DP,
+# gradients of rare classes are clipped and drowned in the same noise as those of the frequent
+# ones, so models drift towards the majority classes: a known disparate effect of DP-SGD
+# (Bagdasaryan et al., 2019).

@@ -1,0 +1,97 @@
+"""Every name list agrees with the registry that builds the named things, and every registry
+refuses an unknown name."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dpskin_core.attacks import ATTACKS, MEMBERSHIP_ATTACKS
+from dpskin_core.attacks.registry import KINDS
+from dpskin_core.book.registry import load_registry
+from dpskin_core.cli import build_parser
+from dpskin_core.data import DATASETS
+from dpskin_core.data.download import DOWNLOADS
+from dpskin_core.errors import ConfigError, UnknownNameError
+from dpskin_core.training import privacy
+from dpskin_core.training.backbones import BACKBONES
+from dpskin_core.training.config import METHODS, RunConfig
+from dpskin_core.training.frontends import FRONT_ENDS
+from dpskin_core.training.optim import OPTIMIZERS, build_optimizer
+from dpskin_core.training.recipes import ATTACK_MODELS, RECIPES
+
+
+def test_every_optimizer_name_builds_and_only_those_validate():
+    for name in OPTIMIZERS.names():
+        cfg = RunConfig(optimizer=name)
+        opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+        assert isinstance(opt, torch.optim.Optimizer)
+    with pytest.raises(ConfigError, match="optimizer='rmsprop'; expected one of adam, sgd"):
+        RunConfig(optimizer="rmsprop")
+
+
+def test_training_accountants_are_registered_and_known_to_opacus():
+    from opacus.accountants import create_accountant
+
+    assert set(privacy.TRAINING_ACCOUNTANTS) <= set(privacy.ACCOUNTANTS.names())
+    for name in privacy.TRAINING_ACCOUNTANTS:
+        create_accountant(name)  # Opacus' PrivacyEngine(accountant=name) keeps this one
+        RunConfig(accountant=name)
+    with pytest.raises(ConfigError, match="accountant='pld'"):  # the reference only
+        RunConfig(accountant="pld")
+
+
+def test_methods_are_exactly_the_values_config_method_takes():
+    seen = set()
+    for dp, technique, opt in itertools.product((False, True), (False, True), OPTIMIZERS.names()):
+        kw = dict(dp=dp, optimizer=opt, target_epsilon=3.0 if dp else None, ema_decay=0.9 if technique else None)
+        seen.add(RunConfig(**kw).method)
+    assert seen == set(METHODS)
+
+
+def test_front_ends_and_their_heads():
+    assert FRONT_ENDS.names() == ["colour", "pixels", "scatter"]
+    heads = {h for n in FRONT_ENDS for h in (FRONT_ENDS.get(n).heads or ())}
+    assert heads <= set(BACKBONES.names())
+    for name in FRONT_ENDS:
+        for head in FRONT_ENDS.get(name).heads or ():
+            RunConfig(features=name, backbone=head)
+            with pytest.raises(ConfigError, match="image backbones take features='pixels'"):
+                RunConfig(features="pixels", backbone=head)
+    with pytest.raises(ConfigError, match="features: unknown front end 'hsv'"):
+        RunConfig(features="hsv")
+    with pytest.raises(ConfigError, match="backbone: backbone 'resnet7' unknown"):
+        RunConfig(backbone="resnet7")
+
+
+def test_recipes_build_valid_configs_for_every_profile():
+    reg = load_registry()
+    labels = [RECIPES.get(n).label for n in RECIPES]
+    assert len(set(n for n in RECIPES)) == len(RECIPES.names())
+    assert set(ATTACK_MODELS.values()) <= set(RECIPES.names())
+    for profile in reg.profiles:
+        p = reg.params(profile)
+        for name in RECIPES:
+            r = RECIPES.get(name)
+            cfgs = r.configs(p, n_train=5000)
+            assert cfgs and all(c.recipe == name for c in cfgs)
+            assert all(c.dp == r.private for c in cfgs), name
+    # the plain recipes' labels are distinct (the tables group by them)
+    plain = [RECIPES.get(n).label for n in RECIPES if "/" not in n]
+    assert len(plain) == len(set(plain)), labels
+    with pytest.raises(UnknownNameError, match="unknown recipe 'dp-sdg'"):
+        RECIPES.get("dp-sdg")
+
+
+def test_attack_registry_kinds_and_membership_names():
+    assert set(ATTACKS.get(n).kind for n in ATTACKS) <= set(KINDS)
+    assert {n for n in ATTACKS if ATTACKS.get(n).kind == "membership"} == set(MEMBERSHIP_ATTACKS)
+
+
+def test_cli_choices_are_the_registries():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    download = sub.choices["download"]
+    name = next(a for a in download._actions if a.dest == "name")
+    assert sorted(name.choices) == DOWNLOADS.names()
+    assert {"isic2018", "synthetic", "dermamnist"} == set(DATASETS.names())
