@@ -77,6 +77,8 @@ def main() -> int:
         return 0
     with open(args.against) as f:
         before = json.load(f)
+    # through JSON as the saved side went (its one NaN object compares equal to itself)
+    now = json.loads(json.dumps(now))
     diff = {k: (before.get(k), now.get(k)) for k in set(before) | set(now) if before.get(k) != now.get(k)}
     for k, (a, b) in sorted(diff.items()):
         print(f"DIFFERENT {k}:\n  before {a}\n  now    {b}")
