@@ -28,3 +28,7 @@ class UnknownNameError(DpskinError, KeyError):
 
 class DownloadError(DpskinError, RuntimeError):
     """A download failed (offline, bad checksum, ...); the message says what to do."""
+
+
+class RunLockedError(DpskinError, RuntimeError):
+    """Another process is training the same run folder."""

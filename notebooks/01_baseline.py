@@ -36,6 +36,7 @@ import pandas as pd
 import seaborn as sns
 
 from dpskin_core import CLASSES
+from dpskin_core.book import figures
 from dpskin_core.book.registry import profile_params
 from dpskin_core.book.sweeps import sweep
 from dpskin_core.book.tables import glue, recall_by_class, summary_table
@@ -92,23 +93,13 @@ glue("best_auc", best_runs["auc_macro"].mean(), display=False)
 # %% [markdown]
 # ## Training curves
 #
-# Validation balanced accuracy and training loss after each epoch (mean over seeds, band:
-# ± one standard deviation).
+# Validation balanced accuracy and validation loss after each epoch (mean over seeds, band:
+# ± one standard deviation); the private chapters show the same curves (a DP run records no
+# loss of its private training batches).
 
 # %% tags=["hide-input"]
 metrics = load_metrics(P.runs_root)
-metrics = metrics[metrics["run"].isin(runs["run"])].drop(columns="method").merge(
-    runs[["run", "method"]], on="run")
-curves = pd.concat([
-    metrics[(metrics["split"] == "val") & (metrics["metric"] == "balanced_accuracy")],
-    metrics[(metrics["split"] == "train") & (metrics["metric"] == "loss")],
-])
-curves["panel"] = curves["split"] + " " + curves["metric"].str.replace("_", " ")
-g = sns.relplot(data=curves, x="epoch", y="value", hue="method",
-                style="backbone" if len(backbones) > 1 else None, col="panel", kind="line",
-                errorbar="sd", facet_kws={"sharey": False}, height=3.2, aspect=1.25)
-g.set_titles("{col_name}")
-g.set_ylabels("")
+figures.training_curves(metrics, runs, sorted(runs["method"].unique()), hue="method")
 plt.show()
 
 # %% [markdown]

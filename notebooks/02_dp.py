@@ -92,8 +92,10 @@ for key, value in figures.dp_headline(runs, b0, epsilons).items():
 # %% [markdown]
 # ## Training curves
 #
-# Validation balanced accuracy and training loss after each epoch, per privacy budget (mean
-# over seeds, band: ± one standard deviation).
+# Validation balanced accuracy and validation loss after each epoch, per privacy budget (mean
+# over seeds, band: ± one standard deviation). A DP run records no loss or accuracy of its
+# private training batches: those are computed on the training data without noise, and
+# publishing them would release statistics of the training split outside the guarantee.
 
 # %% tags=["hide-input"]
 figures.training_curves(metrics, runs, budget_order)
@@ -146,3 +148,43 @@ glue("best_drop", float(drop_lo.min()), display=False)
 # gradients of rare classes are clipped and drowned in the same noise as those of the frequent
 # ones, so models drift towards the majority classes: a known disparate effect of DP-SGD
 # (Bagdasaryan et al., 2019).
+
+# %% [markdown]
+# ## The privacy unit: one image or one lesion
+#
+# The guarantee above is per training *image*: adding or removing one image changes what the
+# model can reveal by at most $\varepsilon$. But many lesions were photographed several times,
+# and a patient's lesion, not one photograph of it, is what a patient would want protected: an
+# image-level guarantee covers a lesion with $k$ images only through group privacy, at roughly
+# $k\varepsilon$. Lesion-level DP makes the lesion the unit: lesions are Poisson-sampled (a
+# sampled lesion brings all its images) and the mean gradient of each lesion's images is
+# clipped, so adding or removing a whole lesion changes the noisy update by at most the
+# clipping bound, and the same accountant gives $\varepsilon$ per lesion. The expected batch
+# is the profile's batch size in lesions.
+
+# %% tags=["hide-output"]
+LESION_RECIPE = RECIPES.get(f"dp-{optimizer}-lesion")
+units = pd.concat([
+    sweep(DP_RECIPE.configs(P, epsilons=P.lesion_epsilons), P.runs_root),
+    sweep(LESION_RECIPE.configs(P, epsilons=P.lesion_epsilons), P.runs_root),
+], ignore_index=True)
+units["unit"] = units["privacy_unit"]
+
+# %%
+unit_table = figures.privacy_unit_table(units)
+unit_table
+
+# %% tags=["remove-cell"]
+e_unit = max(P.lesion_epsilons)
+by_unit = units[units["target_epsilon"] == e_unit].groupby("unit")["balanced_accuracy"].mean()
+glue("unit_eps", e_unit, display=False)
+glue("unit_image_bacc", float(by_unit["image"]), display=False)
+glue("unit_lesion_bacc", float(by_unit["lesion"]), display=False)
+glue("unit_cost", float(by_unit["image"] - by_unit["lesion"]), display=False)
+
+# %% [markdown]
+# At $\varepsilon$ = {glue:text}`unit_eps:g` per unit, {glue:text}`dp_name` reaches
+# {glue:text}`unit_image_bacc:.3f` with an image as the unit and {glue:text}`unit_lesion_bacc:.3f`
+# with a lesion (a difference of {glue:text}`unit_cost:+.3f`; positive: protecting whole lesions
+# costs accuracy). There are fewer lesions than images, so at the same expected batch the
+# lesion-level run takes fewer, larger steps with a larger sampling rate.

@@ -9,7 +9,7 @@ import pytest
 
 from dpskin_core.data import imagecache
 from dpskin_core.constants import CLASSES, HAM10000_COUNTS
-from dpskin_core.data import DataSpec, class_counts, load_data, read_isic2018, split_by_lesion
+from dpskin_core.data import DataSpec, load_data, read_isic2018, split_by_lesion
 from dpskin_core.data.layout import sha_groups
 from dpskin_core.errors import DataError, UnknownNameError
 
@@ -36,9 +36,9 @@ def test_loads_official_layout(isic_layout, tmp_path):
     assert list(b.meta.columns) == ["image", "label", "lesion_id", "split"]
     for s, y in (("train", b.y_train), ("val", b.y_val), ("test", b.y_test)):
         assert (b.meta[b.meta.split == s].label.to_numpy() == y).all()
-    counts = class_counts(b)
-    assert counts.loc["train", list(CLASSES)].min() >= 1 and counts["total"].sum() == 42
-    assert b.info["counts"]["train"] == counts.loc["train", list(CLASSES)].tolist()
+    assert np.bincount(b.y_train, minlength=len(CLASSES)).min() >= 1  # every class trains
+    # the bundle's info (recorded in every run's meta.json) holds no statistic of a split
+    assert "counts" not in b.info
     assert os.path.isfile(b.info["cache_file"]) and b.info["decode_seconds"] > 0
 
 

@@ -148,11 +148,12 @@ def test_absent_class_matches_official_isic_definition():
 def test_evaluate_keys_and_table():
     y, probs = _random_predictions()
     m = evaluate(y, probs)
-    expected = {"balanced_accuracy", "accuracy", "auc_macro", "ece"}
+    expected = {"balanced_accuracy", "accuracy", "auc_macro", "ece", "nll"}
     expected |= {f"recall_{c}" for c in CLASSES} | {f"precision_{c}" for c in CLASSES}
     assert set(m) == expected
     assert all(isinstance(v, float) for v in m.values())
     assert m["balanced_accuracy"] == pytest.approx(np.mean([m[f"recall_{c}"] for c in CLASSES]))
+    assert m["nll"] == pytest.approx(-np.mean(np.log(probs[np.arange(len(y)), y])))
 
 
 def test_perfect_predictions():

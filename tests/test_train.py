@@ -121,13 +121,23 @@ def test_poisson_batch_sizes_vary():
 
 @pytest.mark.parametrize("dp", [False, True])
 def test_resume_matches_uninterrupted(tmp_path, dp):
+    """A run stopped after epoch 1 and resumed ends with the weights and eps of an uninterrupted
+    run; under DP that holds given the run's secret (copied into the uninterrupted run's
+    private checkpoints folder before it starts)."""
+    import shutil
+
     kw = dict(BASE, epochs=3, dp=dp, target_epsilon=4.0 if dp else None, delta=1e-4, optimizer="adam",
               lr_schedule="cosine")
     kw["lr"] = 1e-3
     data = random_bundle()
-    full = run(RunConfig(**kw), tmp_path / "a", data=data)
     part = run(RunConfig(**kw), tmp_path / "b", data=data, stop_after_epoch=1)
     assert part.meta["status"] == "stopped"
+    secret = part.run_dir / "checkpoints" / "secret.json"
+    assert secret.is_file() == dp
+    if dp:
+        (tmp_path / "a" / part.run_id / "checkpoints").mkdir(parents=True)
+        shutil.copy(secret, tmp_path / "a" / part.run_id / "checkpoints" / "secret.json")
+    full = run(RunConfig(**kw), tmp_path / "a", data=data)
     resumed = run(RunConfig(**kw), tmp_path / "b", data=data)
     assert resumed.meta["resumed_at_epochs"] == [1]
     assert resumed.epsilon == full.epsilon
@@ -136,6 +146,33 @@ def test_resume_matches_uninterrupted(tmp_path, dp):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert resumed.final_metrics == pytest.approx(full.final_metrics, nan_ok=True, rel=0, abs=0)
+
+
+def test_dp_noise_is_secret_unless_seeded(tmp_path):
+    """The same public config run twice (as in a fresh clone, without the first run's secret)
+    gives other weights under the default secret noise, the same eps; the research mode
+    ``dp_noise="seeded"`` regenerates the same weights from the public seed."""
+    data = random_bundle()
+    kw = dict(BASE, dp=True, target_epsilon=4.0, delta=1e-4)
+
+    def weights(mode, root):
+        res = run(RunConfig(**kw, dp_noise=mode), tmp_path / root, data=data)
+        return res, Checkpoint.load(res.run_dir / "checkpoints").model
+
+    (r1, w1), (r2, w2) = weights("secret", "one"), weights("secret", "two")
+    assert r1.epsilon == r2.epsilon and r1.run_id == r2.run_id
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+    (s1, v1), (_, v2) = weights("seeded", "three"), weights("seeded", "four")
+    assert all(torch.equal(v1[k], v2[k]) for k in v1)
+    assert r1.meta["privacy"]["dp_noise"] == "secret" and s1.meta["privacy"]["dp_noise"] == "seeded"
+    assert "RESEARCH MODE" in s1.meta["privacy"]["dp_noise_note"]
+    # the secret stays in the private checkpoints folder, in no published file
+    secret = str(read_json(r1.run_dir / "checkpoints" / "secret.json")["secret"])
+    for f in r1.run_dir.iterdir():
+        if f.is_file():
+            assert secret not in f.read_text(errors="ignore"), f
+    with pytest.raises(ConfigError, match="torchcsprng"):
+        RunConfig(**kw, dp_noise="secure")
 
 
 def test_interrupt_keeps_last_checkpoint(tmp_path, monkeypatch):

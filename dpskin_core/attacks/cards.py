@@ -56,10 +56,17 @@ def privacy_card(run_dir: PathLike, attacks: Optional[Mapping[str, Any]] = None)
     if meta.get("status") != "complete":
         raise ConfigError(f"run_dir {d}: status is {meta.get('status')!r}, not complete")
     dp = bool(cfg.get("dp"))
+    statement = meta.get("privacy") or {}  # absent from records written before it existed
+    unit = statement.get("unit", "image")
     return {
         "run_id": d.name, "name": cfg.get("name"), "method": meta.get("method"), "dp": dp,
         "guarantee": (f"({meta.get('epsilon'):.3g}, {cfg.get('delta'):g})-DP for each training "
-                      "record (add/remove one image)") if dp else "none (non-private)",
+                      f"{unit} (add/remove one {unit}"
+                      + (", all of its images)" if unit == "lesion" else ")")
+                      + f", {meta.get('accountant')} accountant"
+                      + (f", DP noise {statement['dp_noise']}" if "dp_noise" in statement else ""))
+        if dp else "none (non-private)",
+        "privacy": statement if dp else None,
         "epsilon": meta.get("epsilon"), "target_epsilon": cfg.get("target_epsilon"),
         "delta": cfg.get("delta") if dp else None, "accountant": meta.get("accountant"),
         "noise_multiplier": meta.get("noise_multiplier"), "sample_rate": meta.get("sample_rate"),

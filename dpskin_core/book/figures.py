@@ -41,6 +41,19 @@ def dp_results_table(runs: pd.DataFrame, budget_order: Sequence[str]) -> pd.Data
     return table.astype({"steps": "Int64"}).round({"achieved ε": 3, "σ": 3, "train img/s": 0})
 
 
+def privacy_unit_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Image- against lesion-level DP: per unit and target ε, the achieved ε, σ, q, steps, the
+    number of units and the test balanced accuracy (mean ± std, n)."""
+    table = summary_table(runs, ["unit", "target_epsilon"], metrics=("balanced_accuracy",))
+    priv = runs.groupby(["unit", "target_epsilon"]).agg(**{
+        "achieved ε": ("epsilon", "max"), "σ": ("noise_multiplier", "mean"),
+        "q": ("sample_rate", "mean"), "steps": ("steps", "mean"), "units N": ("n_units", "max")})
+    table = table.join(priv, on=["unit", "target_epsilon"]).rename(
+        columns={"target_epsilon": "target ε"})
+    return (table.set_index(["unit", "target ε"]).sort_index()
+            .round({"achieved ε": 3, "σ": 3, "q": 4, "steps": 0}).astype({"units N": "Int64"}))
+
+
 def dp_headline(runs: pd.DataFrame, backbone: str, epsilons: Sequence[float]) -> Dict[str, object]:
     """The numbers a DP chapter quotes in prose, for one backbone (values for ``glue``)."""
     sub = runs[runs["backbone"] == backbone]
@@ -62,17 +75,19 @@ def dp_headline(runs: pd.DataFrame, backbone: str, epsilons: Sequence[float]) ->
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}
 
 
-def training_curves(metrics: pd.DataFrame, runs: pd.DataFrame, budget_order: Sequence[str]):
-    """Validation balanced accuracy and training loss per epoch and budget (mean ± sd)."""
+def training_curves(metrics: pd.DataFrame, runs: pd.DataFrame, hue_order: Sequence[str],
+                    hue: str = "budget"):
+    """Validation balanced accuracy and validation loss (cross-entropy, nats) per epoch, one line
+    per value of ``hue`` (mean ± sd over seeds). Validation curves only: a DP run records no
+    loss or accuracy of its private training batches."""
     import seaborn as sns
 
-    m = metrics[metrics["run"].isin(runs["run"])].merge(runs[["run", "budget"]], on="run")
-    curves = pd.concat([
-        m[(m["split"] == "val") & (m["metric"] == "balanced_accuracy")],
-        m[(m["split"] == "train") & (m["metric"] == "loss")],
-    ])
-    curves["panel"] = curves["split"] + " " + curves["metric"].str.replace("_", " ")
-    g = sns.relplot(data=curves, x="epoch", y="value", hue="budget", hue_order=list(budget_order),
+    m = (metrics[metrics["run"].isin(runs["run"])].drop(columns=[hue], errors="ignore")
+         .merge(runs[["run", hue]], on="run"))
+    curves = m[(m["split"] == "val") & m["metric"].isin(["balanced_accuracy", "nll"])].copy()
+    curves["panel"] = curves["metric"].map({"balanced_accuracy": "val balanced accuracy",
+                                            "nll": "val loss (cross-entropy)"})
+    g = sns.relplot(data=curves, x="epoch", y="value", hue=hue, hue_order=list(hue_order),
                     style="backbone" if runs["backbone"].nunique() > 1 else None, col="panel",
                     kind="line", errorbar="sd", facet_kws={"sharey": False}, height=3.2,
                     aspect=1.25)

@@ -50,7 +50,7 @@ def eps_over_steps(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     dp = runs[runs["dp"].astype(bool)].set_index("run")
     spe = (dp["steps"] / dp["epochs"]).rename("steps_per_epoch")
     m = metrics[(metrics["run"].isin(dp.index)) & (metrics["split"] == "train")
-                & (metrics["metric"] == "loss")][["run", "seed", "epoch", "eps", "target_epsilon",
+                & (metrics["metric"] == "lr")][["run", "seed", "epoch", "eps", "target_epsilon",
                                                   "backbone", "method"]]
     m = m.join(spe, on="run")
     m["step"] = (m["epoch"] * m["steps_per_epoch"]).round().astype(int)

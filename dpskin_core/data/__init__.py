@@ -8,10 +8,10 @@ Nothing here imports the training, attack or book layers.
 """
 from __future__ import annotations
 
-from .datasets import (DATASETS, DataBundle, DataSpec, class_counts, generated_synthetic,
-                       load_data, load_official_layout)
+from .datasets import (DATASETS, DataBundle, DataSpec, generated_synthetic, load_data,
+                       load_official_layout)
 from .layout import SUBSETS, read_isic2018
 from .splits import split_by_lesion
 
-__all__ = ["DATASETS", "DataBundle", "DataSpec", "SUBSETS", "class_counts", "generated_synthetic",
+__all__ = ["DATASETS", "DataBundle", "DataSpec", "SUBSETS", "generated_synthetic",
            "load_data", "load_official_layout", "read_isic2018", "split_by_lesion"]

@@ -79,8 +79,6 @@ def _bundle(x: np.ndarray, df: pd.DataFrame, split: np.ndarray, info: dict) -> D
         parts[s] = (x[idx], df["label"].to_numpy()[idx].astype(np.int64), idx)
     order = np.concatenate([parts[s][2] for s in ("train", "val", "test")])
     meta = df.iloc[order][["image", "label", "lesion_id", "split"]].reset_index(drop=True)
-    info = dict(info, counts={s: np.bincount(parts[s][1], minlength=len(CLASSES)).tolist()
-                              for s in parts})
     return DataBundle(parts["train"][0], parts["train"][1], parts["val"][0], parts["val"][1],
                       parts["test"][0], parts["test"][1], meta, CLASSES, info)
 
@@ -219,11 +217,3 @@ def _resize_array(x: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
     return np.stack([crop_resize(Image.fromarray(im), size) for im in x])
-
-
-def class_counts(bundle: DataBundle) -> pd.DataFrame:
-    """Images per split (rows) and class (columns), with totals."""
-    t = pd.crosstab(bundle.meta["split"], bundle.meta["label"].map(dict(enumerate(CLASSES))))
-    t = t.reindex(index=["train", "val", "test"], columns=list(CLASSES), fill_value=0)
-    t["total"] = t.sum(axis=1)
-    return t

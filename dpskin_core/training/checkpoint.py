@@ -1,7 +1,10 @@
 """The training state on disk: one schema, and the one rule for which weights a run releases.
 
 ``<run>/checkpoints/last.pt`` holds a :class:`Checkpoint` (written atomically after every
-epoch); ``best.pt`` the weights of the best validation epoch (written when it improves).
+epoch); ``best.pt`` the weights of the best validation epoch (written when it improves);
+``secret.json`` the root seed of the run's DP randomness (:func:`dp_seed`). The checkpoints
+folder is private: it holds the secret and unreleased iterates; everything else in the run
+folder is the run's public record.
 Training (:mod:`.trainer`) writes and resumes from them; reloading a finished model
 (:func:`dpskin_core.attacks.victims.load_trained`) reads them through :func:`released_weights`,
 the same function the run used to pick the model it evaluated and reported.
@@ -12,14 +15,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import secrets
+
 import torch
 
 from ..errors import ConfigError
-from ..files import save_torch
+from ..files import read_json, save_torch, write_json
 
 StateDict = Dict[str, torch.Tensor]
 PathLike = Union[str, Path]
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, SECRET = "last.pt", "best.pt", "secret.json"
 CHOICES = ("released", "last", "best")
 
 
@@ -36,6 +41,7 @@ class Checkpoint:
     rng: Dict[str, Any]                         # generator states, for inspection
     best: Dict[str, Any]                        # best validation score, its epoch, epochs since
     rows: List[Dict[str, Any]] = field(default_factory=list)  # the metric rows so far
+    early_stopped: bool = False                 # training ended here: resume goes to finish
 
     @property
     def evaluated_weights(self) -> StateDict:
@@ -54,6 +60,27 @@ class Checkpoint:
         state = torch.load(path, map_location="cpu", weights_only=False)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in state.items() if k in known})
+
+
+def dp_seed(ckpt_dir: PathLike, mode: str, public_seed: int) -> int:
+    """The root seed of a run's DP randomness (Poisson sampling, gradient noise, noisy releases).
+
+    ``"secret"``: 63 bits from the OS's entropy, written to ``secret.json`` in the private
+    checkpoints folder before anything is drawn from it, and read back on resume (so a resumed
+    run, and a re-drawn release, repeat the same noise: bit-exact, nothing released twice).
+    ``"seeded"``: the public ``seed`` itself (research reproducibility: anyone holding the config
+    can regenerate, and subtract, the noise). ``"secure"`` draws from Opacus' cryptographic RNG
+    instead; this seed is then unused.
+    """
+    if mode == "seeded":
+        return int(public_seed)
+    path = Path(ckpt_dir) / SECRET
+    if path.is_file():
+        return int(read_json(path)["secret"])
+    secret = secrets.randbits(63)
+    write_json(path, {"secret": secret, "mode": mode,
+                      "note": "PRIVATE: regenerates this run's DP noise; never publish this file"})
+    return secret
 
 
 def save_best(ckpt_dir: PathLike, weights: StateDict, epoch: int) -> None:
@@ -85,4 +112,5 @@ def released_weights(ckpt_dir: PathLike, early_stopping: bool,
     return (ck.model if which == "last" else ck.evaluated_weights), ck.epoch, LAST
 
 
-__all__ = ["BEST", "CHOICES", "Checkpoint", "LAST", "released_weights", "save_best"]
+__all__ = ["BEST", "CHOICES", "Checkpoint", "LAST", "SECRET", "dp_seed", "released_weights",
+           "save_best"]

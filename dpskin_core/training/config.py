@@ -8,12 +8,15 @@ builds them (optimizers, accountants, front ends, backbones), so a name list can
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
+from ..constants import NORMALISATIONS
+from ..data import DATASETS
 from ..errors import ConfigError, UnknownNameError
 from .backbones import BACKBONES
 from .frontends import FRONT_ENDS
@@ -25,7 +28,7 @@ NON_SEMANTIC_FIELDS = frozenset({"name", "recipe", "device", "num_threads", "pro
                                  "cache_dir"})
 #: Fields read only under DP; a non-private run ignores them, so they are not hashed there.
 DP_ONLY_FIELDS = ("target_epsilon", "delta", "max_grad_norm", "accountant",
-                  "max_physical_batch_size", "hist_noise")
+                  "max_physical_batch_size", "hist_noise", "dp_noise", "privacy_unit")
 #: Fields read only by the logit-adjusted loss.
 LOGIT_ADJUST_FIELDS = ("la_tau", "hist_noise")
 
@@ -33,6 +36,16 @@ LR_SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")
 EVAL_SPLITS = ("val", "test")
 SPLITS = ("lesion", "official")
+#: where the DP randomness (Poisson sampling, gradient noise, noisy releases) comes from:
+#: ``secret`` a seed drawn from OS entropy, kept only with the run's private checkpoints (the
+#: default: nothing published regenerates the noise; resume stays bit-exact); ``seeded`` derived
+#: from the public ``seed`` (research reproducibility only: anyone with the config can
+#: regenerate the noise and undo it); ``secure`` Opacus' secure_mode (a cryptographic RNG from
+#: torchcsprng; not bit-exact on resume)
+DP_NOISE_MODES = ("secret", "seeded", "secure")
+#: the privacy unit: one training ``image``, or one ``lesion`` (all its images: user-level DP)
+PRIVACY_UNITS = ("image", "lesion")
+DEVICES = ("auto", "cpu", "cuda")
 #: every value of :attr:`RunConfig.method`
 METHODS = ("nonprivate-sgd", "nonprivate-adam", "dp-sgd", "dp-adam", "nonprivate-proposed-sgd",
            "nonprivate-proposed-adam", "proposed-sgd", "proposed-adam")
@@ -73,7 +86,7 @@ class RunConfig:
     class_weights: str = "none"             # none | balanced (non-private only: uses counts)
     early_stopping_patience: Optional[int] = None  # epochs without val improvement
     eval_split: str = "test"                # split whose predictions are the run's result
-    # --- the proposed technique (training.technique, training.frontends); all off by default ------------
+    # --- the proposed technique (training.technique, training.frontends); all off by default
     features: str = "pixels"                # front end (training.frontends): pixels | colour | scatter
     logit_adjust: bool = False              # logit-adjusted loss with a (noisy under dp) class prior
     la_tau: float = 1.0                     # logit-adjustment strength tau
@@ -86,6 +99,8 @@ class RunConfig:
     delta: Optional[float] = 1e-5           # must be < 1/N_train
     max_grad_norm: float = 1.0              # per-sample clipping bound C (L2)
     accountant: str = "prv"                 # prv | rdp (privacy.TRAINING_ACCOUNTANTS)
+    dp_noise: str = "secret"                # secret | seeded | secure (see DP_NOISE_MODES)
+    privacy_unit: str = "image"             # image | lesion (see PRIVACY_UNITS)
     # --- execution (not hashed) -------------------------------------------------------
     device: str = "auto"                    # auto | cpu | cuda
     num_threads: Optional[int] = None       # torch CPU threads (None: torch default)
@@ -169,24 +184,61 @@ def _choice(cfg: RunConfig, field: str, allowed: Iterable[str]) -> None:
 
 
 def _number(cfg: RunConfig, field: str, *, integer: bool = False, positive: bool = False,
-            optional: bool = False) -> None:
-    """A finite int/float (an int when ``integer``), > 0 when ``positive``; None if ``optional``."""
+            nonnegative: bool = False, optional: bool = False) -> None:
+    """A finite int/float (an int when ``integer``; bools are neither), > 0 when ``positive``,
+    >= 0 when ``nonnegative``; None allowed when ``optional``."""
     v = getattr(cfg, field)
     if v is None and optional:
         return
     kinds = (int,) if integer else (int, float)
     if isinstance(v, bool) or not isinstance(v, kinds) or not math.isfinite(v):
-        raise ConfigError(f"{field} must be a finite {'integer' if integer else 'number'}, got {v!r}")
+        raise ConfigError(f"{field} must be a finite {'integer' if integer else 'number'}"
+                          f"{' or None' if optional else ''}, got {v!r}")
     if positive and not v > 0:
         raise ConfigError(f"{field} must be > 0, got {v!r}")
+    if nonnegative and not v >= 0:
+        raise ConfigError(f"{field} must be >= 0, got {v!r}")
+
+
+def _flag(cfg: RunConfig, field: str) -> None:
+    if not isinstance(getattr(cfg, field), bool):
+        raise ConfigError(f"{field} must be true or false, got {getattr(cfg, field)!r}")
+
+
+def _text(cfg: RunConfig, field: str, optional: bool = False) -> None:
+    v = getattr(cfg, field)
+    if not (isinstance(v, str) or (optional and v is None)):
+        raise ConfigError(f"{field} must be a string{' or None' if optional else ''}, got {v!r}")
 
 
 def validate(cfg: RunConfig) -> None:
-    """Checks that need no data. Checks against N (delta < 1/N, batch <= N) run in train."""
-    for f in ("image_size", "epochs", "batch_size", "synth_n"):
+    """Checks that need no data (checks against N, delta < 1/N and batch <= N, run in the
+    trainer's first step). Every field is checked: type, finiteness, range, known names."""
+    for f in ("seed", "split_seed"):
+        _number(cfg, f, integer=True, nonnegative=True)
+    for f in ("image_size", "epochs", "batch_size", "synth_n", "aug_mult"):
         _number(cfg, f, integer=True, positive=True)
-    for f in ("lr", "max_grad_norm"):
+    for f in ("max_physical_batch_size", "early_stopping_patience", "num_threads"):
+        _number(cfg, f, integer=True, positive=True, optional=True)
+    for f in ("lr", "max_grad_norm", "hist_noise"):
         _number(cfg, f, positive=True)
+    for f in ("momentum", "weight_decay", "augment_color", "la_tau"):
+        _number(cfg, f, nonnegative=True)
+    for f in ("val_frac", "test_frac"):
+        _number(cfg, f, positive=True)
+    _number(cfg, "ema_decay", positive=True, optional=True)
+    _number(cfg, "target_epsilon", positive=True, optional=True)
+    _number(cfg, "delta", positive=True, optional=True)
+    for f in ("augment_flips", "augment_rot90", "logit_adjust", "dp", "progress"):
+        _flag(cfg, f)
+    for f in ("name", "dataset", "normalisation", "backbone"):
+        _text(cfg, f)
+    for f in ("recipe", "data_root", "pretrained_path", "cache_dir"):
+        _text(cfg, f, optional=True)
+    _choice(cfg, "dataset", DATASETS.names())
+    _choice(cfg, "device", DEVICES)
+    _choice(cfg, "dp_noise", DP_NOISE_MODES)
+    _choice(cfg, "privacy_unit", PRIVACY_UNITS)
     _choice(cfg, "optimizer", OPTIMIZERS.names())
     _choice(cfg, "accountant", TRAINING_ACCOUNTANTS)
     _choice(cfg, "lr_schedule", LR_SCHEDULES)
@@ -203,14 +255,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"backbone: {BACKBONES.kind} {cfg.backbone!r} unknown; known: "
                           f"{', '.join(BACKBONES.names())}")
     front.check(cfg)  # the front end's own constraints, e.g. which backbones take it
-    if not isinstance(cfg.aug_mult, int) or cfg.aug_mult < 1:
-        raise ConfigError(f"aug_mult must be an integer >= 1, got {cfg.aug_mult!r}")
-    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+    if cfg.ema_decay is not None and not cfg.ema_decay < 1:
         raise ConfigError(f"ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
-    if cfg.logit_adjust and not cfg.hist_noise > 0:
-        raise ConfigError(f"hist_noise must be > 0, got {cfg.hist_noise!r}")
-    if cfg.max_physical_batch_size is not None and cfg.max_physical_batch_size <= 0:
-        raise ConfigError("max_physical_batch_size must be > 0")
+    if cfg.normalisation not in NORMALISATIONS:
+        raise ConfigError(f"normalisation={cfg.normalisation!r}; expected one of "
+                          f"{', '.join(NORMALISATIONS)}")
     if cfg.dp:
         if cfg.target_epsilon is None:
             raise ConfigError("target_epsilon is required when dp=True")
@@ -222,3 +271,10 @@ def validate(cfg: RunConfig) -> None:
                 "class_weights='balanced' reads class counts of the private training data, "
                 "which is not covered by the DP guarantee; use class_weights='none' under dp"
             )
+        if cfg.dp_noise == "secure" and importlib.util.find_spec("torchcsprng") is None:
+            raise ConfigError("dp_noise='secure' (Opacus secure_mode) needs the torchcsprng "
+                              "package, which is not installed; use dp_noise='secret' (an "
+                              "OS-entropy seed kept with the private checkpoints)")
+    elif cfg.privacy_unit != "image":
+        raise ConfigError(f"privacy_unit={cfg.privacy_unit!r} is a DP setting; a non-private "
+                          "run has no privacy unit (leave it at 'image')")

@@ -176,13 +176,20 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
     return float(np.abs(gap).sum() / t.size)
 
 
+def log_loss(y_true: np.ndarray, probs: np.ndarray, floor: float = 1e-12) -> float:
+    """Mean negative log-likelihood (nats) of the true class, probabilities floored at ``floor``."""
+    t, p = _scored(y_true, probs)
+    return float(-np.mean(np.log(np.maximum(p[np.arange(t.size), t], floor))))
+
+
 # --------------------------------------------------------------------------------------
 # everything at once
 # --------------------------------------------------------------------------------------
 def evaluate(y_true: np.ndarray, probs: np.ndarray,
              classes: Sequence[str] = CLASSES) -> Dict[str, float]:
     """All scalar metrics of a split: ``balanced_accuracy``, ``accuracy``, ``auc_macro``,
-    ``ece`` and ``recall_<CLASS>``, ``precision_<CLASS>`` for every class (NaN if undefined).
+    ``ece``, ``nll`` (mean cross-entropy, nats) and ``recall_<CLASS>``, ``precision_<CLASS>``
+    for every class (NaN if undefined).
     """
     classes = tuple(classes)
     t, p = _scored(y_true, probs, len(classes))
@@ -192,6 +199,7 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray,
         "accuracy": accuracy(t, y_pred),
         "auc_macro": macro_auc_ovr(t, p),
         "ece": expected_calibration_error(t, p),
+        "nll": log_loss(t, p),
     }
     rec = per_class_recall(t, y_pred, len(classes))
     prec = per_class_precision(t, y_pred, len(classes))
@@ -201,5 +209,5 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray,
 
 
 __all__ = ["accuracy", "balanced_accuracy", "binary_auc", "confusion_matrix", "evaluate",
-           "expected_calibration_error", "macro_auc_ovr", "per_class_auc",
+           "expected_calibration_error", "log_loss", "macro_auc_ovr", "per_class_auc",
            "per_class_precision", "per_class_recall"]

@@ -42,6 +42,7 @@ class Params:
     backbones: Tuple[str, ...]
     seeds: Tuple[int, ...]
     epsilons: Tuple[float, ...]
+    lesion_epsilons: Tuple[float, ...]  # budgets of the lesion-level (user-level) DP comparison
     epochs: int                       # end-to-end recipes
     batch_size: int                   # expected batch size (Poisson under DP)
     lr_sgd: float
@@ -65,7 +66,7 @@ class Params:
     overfit_optimizer: str
 
     def __post_init__(self) -> None:
-        for name in ("backbones", "seeds", "epsilons"):  # lists from YAML / papermill
+        for name in ("backbones", "seeds", "epsilons", "lesion_epsilons"):  # lists from YAML
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("backbones", "seeds"):
             if not getattr(self, name):
@@ -179,6 +180,19 @@ def dp_sgd(p: Params) -> RunConfig:
 def dp_adam(p: Params) -> RunConfig:
     """The backbone trained by DP-Adam (Adam's update on DP-SGD's noisy gradient)."""
     return _end_to_end(p, dp=True, target_epsilon=p.epsilons[0], optimizer="adam", lr=p.lr_dp_adam)
+
+
+@_recipe("dp-sgd-lesion", "DP-SGD, lesion-level", DP)
+def dp_sgd_lesion(p: Params) -> RunConfig:
+    """DP-SGD whose privacy unit is a lesion (all its images): lesions are Poisson-sampled and
+    each lesion's mean gradient is clipped (user-level DP-SGD)."""
+    return dp_sgd(p).replace(privacy_unit="lesion")
+
+
+@_recipe("dp-adam-lesion", "DP-Adam, lesion-level", DP)
+def dp_adam_lesion(p: Params) -> RunConfig:
+    """DP-Adam with a lesion as the privacy unit (see dp-sgd-lesion)."""
+    return dp_adam(p).replace(privacy_unit="lesion")
 
 
 # --------------------------------------------------------------------------- the proposed technique

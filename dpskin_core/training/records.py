@@ -13,6 +13,7 @@ Run folders are never deleted by dpskin: a new config or new code gives a new ru
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,10 +21,11 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 import pandas as pd
 
+from ..errors import RunLockedError
 from ..files import read_json
 from .config import RunConfig
 
@@ -122,6 +124,39 @@ def run_dir_for(cfg: RunConfig, runs_root: Optional[PathLike] = None) -> Path:
     return Path(runs_root or default_runs_root()) / config_hash(cfg)
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` (creating it) while a process trains it.
+
+    A second process asking for the same run fails at once with :class:`RunLockedError`
+    naming the holder, instead of training the run twice (its record would then mix two
+    processes' epochs). The lock is ``fcntl.flock`` on ``<run_dir>/.lock``: released when the
+    holder exits, even if it is killed.
+    """
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunLockedError(f"run {run_dir.name} is being trained by {holder} (lock "
+                                 f"{path}); wait for it to finish, or use another runs folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def git_commit() -> Dict[str, Any]:
     """Commit of the checkout holding dpskin_core and whether it has uncommitted changes."""
     def git(*args: str) -> str:
@@ -175,6 +210,7 @@ def load_runs(runs_root: Optional[PathLike] = None, complete_only: bool = True) 
         for k in ("epsilon", "noise_multiplier", "sample_rate", "steps", "wall_time_s",
                   "train_images_per_s", "peak_memory_mb", "code_version"):
             row[k] = meta.get(k)
+        row["n_units"] = (meta.get("privacy") or {}).get("n_units")
         for k, v in (meta.get("final_metrics") or {}).items():
             row[k] = v
         rows.append(row)

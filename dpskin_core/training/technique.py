@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..constants import NUM_CLASSES
+from .sampling import grad_samples
 
 
 def noisy_class_histogram(labels: np.ndarray, noise_std: float, generator: torch.Generator,
@@ -90,10 +91,5 @@ def average_grad_samples(model: nn.Module, k: int) -> None:
     The batch was laid out as B images x k views (view-major within an image), so
     ``grad_sample`` (B*k, ...) becomes (B, ...) before the optimizer clips per sample.
     """
-    for p in model.parameters():
-        gs = getattr(p, "grad_sample", None)
-        if gs is None:
-            continue
-        if isinstance(gs, list):
-            gs = torch.cat(gs)
+    for p, gs in grad_samples(model):
         p.grad_sample = gs.view(-1, k, *gs.shape[1:]).mean(dim=1)

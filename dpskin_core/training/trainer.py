@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..files import read_json, write_atomic, write_json
 from . import privacy, records
 from .backbones import build_backbone
-from .checkpoint import Checkpoint, StateDict, released_weights, save_best
+from .checkpoint import Checkpoint, StateDict, dp_seed, released_weights, save_best
 from .config import RunConfig
 from .frontends import Inputs
 from .metrics import evaluate
@@ -145,16 +145,21 @@ class TrainingSetup:
     ema: Any = None               # technique.EMA or None
     prefix_history: tuple = ()    # releases before training, composed in the accountant
     released: Dict[str, Any] = field(default_factory=dict)  # what was released, for the record
+    dp_seed: Optional[int] = None  # root of the DP randomness (checkpoint.dp_seed); None: no DP
+    units: Optional[torch.Tensor] = None  # (N,) privacy unit of each image (lesion-level DP)
+    n_units: int = 0              # privacy units of the training split (images or lesions)
 
 
-def build_criterion(cfg: RunConfig, data: DataBundle,
-                    device: torch.device) -> Tuple[nn.Module, tuple, Dict[str, Any]]:
+def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
+                    dp_seed: Optional[int] = None, unit_labels: Optional[np.ndarray] = None,
+                    ) -> Tuple[nn.Module, tuple, Dict[str, Any]]:
     """(loss, releases before training, their record).
 
-    The logit-adjusted loss needs the class prior: under DP a noisy class histogram released
-    once with the Gaussian mechanism (composed into eps as the step (sigma_h, q=1, 1));
-    non-private runs read the exact counts, as do the balanced class weights (which the
-    config refuses under DP).
+    The logit-adjusted loss needs the class prior: under DP a histogram of the privacy units'
+    classes (``unit_labels``: images, or lesions) released once with the Gaussian mechanism
+    (L2 sensitivity 1 under add/remove of one unit; composed into eps as the step
+    (sigma_h, q=1, 1)); non-private runs read the exact counts, as do the balanced class
+    weights (which the config refuses under DP).
     """
     counts = np.bincount(data.y_train, minlength=len(CLASSES)).astype(float)
     if cfg.logit_adjust:
@@ -163,10 +168,12 @@ def build_criterion(cfg: RunConfig, data: DataBundle,
         prefix: tuple = ()
         released: Dict[str, Any] = {}
         if cfg.dp:
-            counts = noisy_class_histogram(data.y_train, cfg.hist_noise,
-                                           torch.Generator().manual_seed(_seed(cfg.seed, "histogram")))
+            labels = data.y_train if unit_labels is None else unit_labels
+            counts = noisy_class_histogram(labels, cfg.hist_noise,
+                                           torch.Generator().manual_seed(_seed(dp_seed, "histogram")))
             prefix = ((float(cfg.hist_noise), 1.0, 1),)
-            released = {"class_histogram": counts.round(2).tolist(), "hist_noise": cfg.hist_noise}
+            released = {"class_histogram": counts.round(2).tolist(), "hist_noise": cfg.hist_noise,
+                        "counts_of": f"{cfg.privacy_unit}s per class"}
         return LogitAdjustedLoss(log_prior(counts), cfg.la_tau).to(device), prefix, released
     if cfg.class_weights == "balanced":
         w = torch.tensor(counts.sum() / (len(CLASSES) * np.maximum(counts, 1)), dtype=torch.float32)
@@ -175,51 +182,78 @@ def build_criterion(cfg: RunConfig, data: DataBundle,
 
 
 def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loader: DataLoader, n_train: int, total_steps: int, prefix: tuple,
-                 g_sample: torch.Generator, g_noise: torch.Generator):
-    """Opacus' ``make_private`` with sigma derived from the target: (engine, model, optimizer,
-    loader, sigma, q).
+                 n_images: int, total_steps: int, prefix: tuple, g_sample: torch.Generator,
+                 g_noise: torch.Generator, groups: Optional[List[np.ndarray]] = None):
+    """Opacus' ``make_private`` on our Poisson loader, with sigma derived from the target:
+    (engine, model, optimizer, loader, sigma, q).
 
-    The loader becomes Opacus' DPDataLoader: every training image enters each batch
-    independently with probability q = 1/ceil(N/B) (Poisson sampling, as the accountant
-    assumes), ceil(N/B) batches per epoch. Releases made before training (``prefix``) are
-    put first in the accountant's history, so the reported eps composes them.
+    Every privacy unit (an image; with ``groups``, a lesion) enters each batch independently
+    with probability q = 1/ceil(U/B) (U units, B the expected batch size), and an epoch is
+    exactly ceil(U/B) batches (:mod:`.sampling`): the record, the accountant's hook (which
+    Opacus sets to 1/len(loader)) and the sampler use the same q. The optimizer averages the
+    noisy sum over the expected number of units per batch, U q. Releases made before training
+    (``prefix``) are put first in the accountant's history, so the reported eps composes them.
     """
     from opacus import PrivacyEngine
 
-    q = privacy.sample_rate_for(cfg.batch_size, n_train)
+    from .sampling import poisson_loader
+
+    n_units = len(groups) if groups is not None else n_images
+    q = privacy.sample_rate_for(cfg.batch_size, n_units)
+    steps = privacy.steps_per_epoch(cfg.batch_size, n_units)
     sigma = privacy.noise_multiplier_for(cfg.target_epsilon, cfg.delta, q, total_steps,
                                          cfg.accountant, prefix=prefix)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure_mode=False (research use)
-        engine = PrivacyEngine(accountant=cfg.accountant)
+        engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=cfg.dp_noise == "secure")
+        secure = cfg.dp_noise == "secure"
+        loader = poisson_loader(n_images, q, steps, engine.secure_rng if secure else g_sample,
+                                groups)
         model, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, noise_generator=g_noise)
-    loader.batch_sampler.generator = g_sample  # the Poisson sampler draws from our stream
+            max_grad_norm=cfg.max_grad_norm, poisson_sampling=False,
+            noise_generator=None if secure else g_noise)
+    optimizer.expected_batch_size = n_units * q  # units per batch on average (Opacus: int())
     engine.accountant.history = list(prefix)   # e.g. the histogram release, before any step
-    assert abs(loader.sample_rate - q) < 1e-12, "accountant and sampler disagree on q"
+    if abs(1 / len(loader) - q) > 1e-12:
+        raise AssertionError(f"accountant (q = 1/{len(loader)}) and sampler (q = {q}) disagree")
     return engine, model, optimizer, loader, sigma, q
 
 
-def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device) -> TrainingSetup:
-    """Build the model, loss and optimizer; under DP, derive sigma and make them private."""
+def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
+                   dp_seed: Optional[int] = None) -> TrainingSetup:
+    """Build the model, loss and optimizer; under DP, derive sigma and make them private.
+
+    ``dp_seed`` is the root of the DP randomness (:func:`.checkpoint.dp_seed`); the model's
+    initialisation, augmentation and shuffling of non-private runs come from the public seed.
+    """
     n_train = len(data.y_train)
     torch.manual_seed(_seed(cfg.seed, "init"))
     model = build_backbone(cfg.backbone, num_classes=len(CLASSES),
                            pretrained_path=cfg.pretrained_path).to(device)
     eval_model = build_backbone(cfg.backbone, num_classes=len(CLASSES)).to(device)
-    criterion, prefix, released = build_criterion(cfg, data, device)
+    groups, units, unit_labels = None, None, None
+    if cfg.dp and cfg.privacy_unit == "lesion":
+        from .sampling import lesion_groups, unit_index
+
+        train_ids = data.meta.loc[data.meta["split"] == "train", "lesion_id"].to_numpy()
+        groups = lesion_groups(train_ids)
+        units = torch.from_numpy(unit_index(groups, n_train))
+        # a lesion's class: the majority label of its images (one label per lesion in HAM10000)
+        unit_labels = np.array([np.bincount(data.y_train[g]).argmax() for g in groups])
+    criterion, prefix, released = build_criterion(cfg, data, device, dp_seed, unit_labels)
     optimizer = build_optimizer(model.parameters(), cfg)
     g_sample, g_noise, g_aug = torch.Generator(), torch.Generator(device=device), torch.Generator()
-    loader = DataLoader(TensorDataset(torch.arange(n_train)), batch_size=cfg.batch_size,
-                        shuffle=not cfg.dp, generator=g_sample)
-    steps_per_epoch = privacy.steps_per_epoch(cfg.batch_size, n_train)
+    n_units = len(groups) if groups is not None else n_train
+    steps_per_epoch = privacy.steps_per_epoch(cfg.batch_size, n_units)
     total_steps = steps_per_epoch * cfg.epochs
     engine, sigma, q = None, None, None
     if cfg.dp:
         engine, model, optimizer, loader, sigma, q = make_private(
-            cfg, model, optimizer, loader, n_train, total_steps, prefix, g_sample, g_noise)
+            cfg, model, optimizer, n_train, total_steps, prefix, g_sample, g_noise, groups)
+    else:
+        loader = DataLoader(TensorDataset(torch.arange(n_train)), batch_size=cfg.batch_size,
+                            shuffle=True, generator=g_sample)
     schedule = (lambda s: 1.0) if cfg.lr_schedule == "constant" else (
         lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -230,7 +264,8 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device) -> Tr
 
         ema = EMA(_unwrapped(model), cfg.ema_decay)
     return TrainingSetup(model, optimizer, loader, scheduler, criterion, engine, sigma, q,
-                         steps_per_epoch, g_sample, g_noise, g_aug, eval_model, ema, prefix, released)
+                         steps_per_epoch, g_sample, g_noise, g_aug, eval_model, ema, prefix,
+                         released, dp_seed, units, n_units)
 
 
 # --------------------------------------------------------------------------- the session
@@ -280,12 +315,13 @@ class Session:
 
 
 def start(cfg: RunConfig, data: DataBundle, run_dir: Path) -> Session:
-    """Step 1: checks against the data, then model, loss, optimizer (private under DP)."""
-    check_against_data(cfg, data)
+    """Step 1: model, loss, optimizer (private under DP, with the run's DP seed: drawn and
+    kept in the private checkpoints folder before anything is drawn from it)."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = pick_device(cfg.device)
-    setup = setup_training(cfg, data, device)
+    seed = dp_seed(run_dir / "checkpoints", cfg.dp_noise, cfg.seed) if cfg.dp else None
+    setup = setup_training(cfg, data, device, seed)
     return Session(cfg, run_dir, data, device, setup, Inputs(cfg, data, device))
 
 
@@ -303,6 +339,8 @@ def resume(s: Session) -> None:
         if setup.ema is not None:
             setup.ema.shadow = ck.ema
         s.rows, s.best, s.start_epoch, s.epoch = ck.rows, ck.best, ck.epoch + 1, ck.epoch
+        if ck.early_stopped:  # killed after stopping early, before its final record
+            s.start_epoch = cfg.epochs + 1
         s.meta = read_json(s.meta_path) if s.meta_path.is_file() else {}
         s.meta.setdefault("resumed_at_epochs", []).append(ck.epoch)
     data, device = s.data, s.device
@@ -315,7 +353,8 @@ def resume(s: Session) -> None:
         "data_info": data.info, "steps_per_epoch": setup.steps_per_epoch,
         "noise_multiplier": setup.noise_multiplier, "sample_rate": setup.sample_rate,
         "delta": cfg.delta if cfg.dp else None, "accountant": cfg.accountant if cfg.dp else None,
-        "max_grad_norm": cfg.max_grad_norm, "notes": _notes(cfg),
+        "max_grad_norm": cfg.max_grad_norm if cfg.dp else None, "notes": _notes(cfg),
+        "privacy": privacy_statement(cfg, setup.n_units) if cfg.dp else None,
         "released_before_training": setup.released,
         "prefix_history": privacy.history_summary(setup.prefix_history),
     })
@@ -324,10 +363,13 @@ def resume(s: Session) -> None:
 
 
 def reseed(s: Session, epoch: int) -> None:
-    """Re-seed every stream from (seed, epoch): a resumed run draws the same numbers."""
+    """Re-seed every stream from (seed, epoch): a resumed run draws the same numbers. Batch
+    sampling and noise of a DP run come from its DP seed (secret unless ``dp_noise="seeded"``);
+    augmentation, dropout and the shuffling of a non-private run from the public seed."""
     seed, st = s.cfg.seed, s.setup
-    st.g_sample.manual_seed(_seed(seed, epoch, "sample"))
-    st.g_noise.manual_seed(_seed(seed, epoch, "noise"))
+    root = st.dp_seed if st.dp_seed is not None else seed
+    st.g_sample.manual_seed(_seed(root, epoch, "sample"))
+    st.g_noise.manual_seed(_seed(root, epoch, "noise"))
     st.g_aug.manual_seed(_seed(seed, epoch, "augment"))
     torch.manual_seed(_seed(seed, epoch, "torch"))
     random.seed(_seed(seed, epoch, "python"))
@@ -344,9 +386,14 @@ def _batches(loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: RunConfi
 
 
 def train_one_epoch(s: Session, epoch: int) -> Dict[str, float]:
-    """Step 3: one pass of (Poisson) batches; logs and returns the training metrics."""
+    """Step 3: one pass of (Poisson) batches; logs and returns the training metrics.
+
+    Under DP every step is taken, an empty batch too (a noise-only step the accountant
+    counts); the loss and accuracy on the private batches are not recorded (they are not
+    noised): only the learning rate and the eps spent are.
+    """
     cfg, st, inputs = s.cfg, s.setup, s.inputs
-    model, optimizer, k = st.model, st.optimizer, cfg.aug_mult
+    model, optimizer, k, private = st.model, st.optimizer, cfg.aug_mult, st.engine is not None
     y_tr = torch.from_numpy(s.data.y_train.astype(np.int64))
     reseed(s, epoch)
     model.train()
@@ -354,32 +401,41 @@ def train_one_epoch(s: Session, epoch: int) -> Dict[str, float]:
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(_batches(st.loader, optimizer, cfg), total=st.steps_per_epoch,
                desc=f"{cfg.name} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-    last_eps = s.rows[-1]["eps"] if s.rows else (0.0 if st.engine else None)
     for (idx,) in bar:
         xb = inputs.train(inputs.train_x[idx], st.g_aug)  # (B*K, ...) augmented views
         yb = y_tr[idx].to(s.device, non_blocking=True).repeat_interleave(k)
         optimizer.zero_grad(set_to_none=True)
-        if len(idx) > 0:
+        if len(idx) > 0 or private:  # Opacus clips an empty batch to zero and adds the noise
             out = model(xb)
             loss = st.criterion(out, yb)
             loss.backward()
-            if st.engine is not None and k > 1:
+            if private and k > 1:
                 from .technique import average_grad_samples
 
-                average_grad_samples(model, k)  # one clipped gradient per image
-            loss_sum += loss.item() * len(idx)
-            correct += int((out.argmax(1) == yb).sum()) / k
-            seen += len(idx)
+                average_grad_samples(model, k)  # one gradient per image
+            if private and st.units is not None:
+                from .sampling import aggregate_grad_samples
+
+                aggregate_grad_samples(model, st.units[idx])  # one gradient per lesion
+            if len(idx) > 0:
+                loss_sum += loss.item() * len(idx)
+                correct += int((out.argmax(1) == yb).sum()) / k
+                seen += len(idx)
         optimizer.step()
         if not getattr(optimizer, "_is_last_step_skipped", False):
             st.scheduler.step()  # once per logical batch
             if st.ema is not None:
                 st.ema.update(_unwrapped(model))
-        bar.set_postfix(loss=loss_sum / max(seen, 1), acc=correct / max(seen, 1), eps=last_eps)
+        if not private:  # the running loss of private batches is not shown either
+            bar.set_postfix(loss=loss_sum / max(seen, 1), acc=correct / max(seen, 1))
     s.meta["train_time_s"] = s.meta.get("train_time_s", 0.0) + time.perf_counter() - t0
+    if private:  # the realised Poisson batch sizes are not released (the accountant assumes
+        # they stay secret): count the expected images, N q per step
+        seen = len(s.data.y_train) * st.sample_rate * st.steps_per_epoch
     s.meta["train_images"] = s.meta.get("train_images", 0) + seen
-    metrics = {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
-               "lr": st.scheduler.get_last_lr()[0]}
+    metrics = {"lr": st.scheduler.get_last_lr()[0]}
+    if not private:
+        metrics.update(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1))
     s.eps = s.eps_now()
     s.log(epoch, "train", metrics, s.eps)
     return metrics
@@ -404,15 +460,14 @@ def validate(s: Session, epoch: int) -> float:
     else:
         s.best["since"] += 1
     if s.cfg.progress:
-        train_loss = next(r["value"] for r in reversed(s.rows)
-                          if r["split"] == "train" and r["metric"] == "loss")
-        tqdm.write(f"[{s.cfg.name}] epoch {epoch}: train loss {train_loss:.3f} val bacc {score:.3f}"
-                   + (f" eps {eps:.2f}" if eps is not None else ""))
+        tqdm.write(f"[{s.cfg.name}] epoch {epoch}: val loss {val_metrics['nll']:.3f} val bacc "
+                   f"{score:.3f}" + (f" eps {eps:.2f}" if eps is not None else ""))
     return score
 
 
-def checkpoint(s: Session, epoch: int) -> None:
-    """Step 5: write the state after ``epoch`` atomically, then the record."""
+def checkpoint(s: Session, epoch: int, early_stopped: bool = False) -> None:
+    """Step 5: write the state after ``epoch`` atomically (and whether training stops there),
+    then the record."""
     st = s.setup
     s.epoch = epoch
     Checkpoint(
@@ -424,7 +479,7 @@ def checkpoint(s: Session, epoch: int) -> None:
         rng={"torch": torch.get_rng_state(), "sample": st.g_sample.get_state(),
              "noise": st.g_noise.get_state(), "augment": st.g_aug.get_state(),
              "numpy": np.random.get_state(), "python": random.getstate()},
-        best=s.best, rows=s.rows).save(s.ckpt_dir)
+        best=s.best, rows=s.rows, early_stopped=early_stopped).save(s.ckpt_dir)
     s.write_meta()
 
 
@@ -489,48 +544,95 @@ def run(
     """
     cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
     run_dir = records.run_dir_for(cfg, runs_root)
-    meta_path = run_dir / "meta.json"
-    if meta_path.is_file() and read_json(meta_path).get("status") == "complete":
+    if _complete(run_dir):
         return _load_result(run_dir, cfg)
-    # everything that can fail on bad input happens before training
-    s = start(cfg, data if data is not None else load_data(data_spec(cfg)), run_dir)
-    resume(s)
-    try:
-        for epoch in range(s.start_epoch, cfg.epochs + 1):
-            if stop_after_epoch is not None and epoch > stop_after_epoch:
-                s.meta["status"] = "stopped"
-                s.write_meta()
-                return RunResult(s.run_dir.name, run_dir, cfg, {}, s.eps_now(),
-                                 s.setup.noise_multiplier, s.metrics_frame(), s.meta)
-            train_one_epoch(s, epoch)
-            validate(s, epoch)
-            checkpoint(s, epoch)
-            if early_stop(s, epoch):
-                break
-    except BaseException:
-        s.meta["status"] = "interrupted"
-        s.write_meta()
-        raise
-    return finish(s)
+    # everything that can fail on bad input happens before the run folder is created
+    data = data if data is not None else load_data(data_spec(cfg))
+    check_against_data(cfg, data)
+    with records.run_lock(run_dir):
+        if _complete(run_dir):  # finished by another process while this one loaded the data
+            return _load_result(run_dir, cfg)
+        s = start(cfg, data, run_dir)
+        resume(s)
+        try:
+            for epoch in range(s.start_epoch, cfg.epochs + 1):
+                if stop_after_epoch is not None and epoch > stop_after_epoch:
+                    s.meta["status"] = "stopped"
+                    s.write_meta()
+                    return RunResult(s.run_dir.name, run_dir, cfg, {}, s.eps_now(),
+                                     s.setup.noise_multiplier, s.metrics_frame(), s.meta)
+                train_one_epoch(s, epoch)
+                validate(s, epoch)
+                stop = early_stop(s, epoch)
+                checkpoint(s, epoch, early_stopped=stop)
+                if stop:
+                    break
+            return finish(s)
+        except BaseException:
+            s.meta["status"] = "interrupted"
+            s.write_meta()
+            raise
+
+
+def _complete(run_dir: Path) -> bool:
+    meta = run_dir / "meta.json"
+    return meta.is_file() and read_json(meta).get("status") == "complete"
+
+
+def privacy_statement(cfg: RunConfig, n_units: int) -> Dict[str, Any]:
+    """What a DP run's guarantee is, and what it does not count (recorded in meta.json and on
+    the privacy card)."""
+    unit = cfg.privacy_unit
+    return {
+        "unit": unit,
+        "adjacency": ("add/remove one training image" if unit == "image" else
+                      "add/remove one lesion (all of its training images)"),
+        "n_units": n_units, "delta": cfg.delta, "accountant": cfg.accountant,
+        "mechanism": f"Poisson-subsampled Gaussian mechanism (DP-{cfg.optimizer.upper()} by "
+                     f"Opacus, per-{unit} clipping at C = {cfg.max_grad_norm})"
+                     + (" composed with a noisy class histogram" if cfg.logit_adjust else ""),
+        "dp_noise": cfg.dp_noise,
+        "dp_noise_note": {
+            "secret": "the DP randomness (sampling, noise) comes from a seed drawn from OS "
+                      "entropy and kept only in the run's private checkpoints folder",
+            "seeded": "RESEARCH MODE: the DP randomness is derived from the public seed; anyone "
+                      "with the config can regenerate the noise, so the guarantee does not hold "
+                      "against them",
+            "secure": "the DP randomness comes from Opacus' cryptographically secure RNG",
+        }[cfg.dp_noise],
+        "not_counted": [
+            "the choice of hyperparameters and recipe (made on this and earlier runs' "
+            "validation results)",
+            *(["model selection on the validation split (early stopping, best epoch)"]
+              if cfg.early_stopping_patience is not None else []),
+            f"the number of training {unit}s N (treated as public; it sets the sampling rate)",
+            "the validation and test splits (not protected: their metrics and predictions are "
+            "released as any evaluation is)",
+        ],
+    }
 
 
 def _notes(cfg: RunConfig) -> List[str]:
     notes = ["Normalisation uses fixed public constants (" + cfg.normalisation + "), no data statistics."]
     if cfg.dp:
+        unit = cfg.privacy_unit
         notes.append(
-            f"(eps, delta)-DP for the training split by DP-{cfg.optimizer.upper()} (Opacus, Poisson "
-            f"sampling, per-sample clipping C={cfg.max_grad_norm}); eps from the {cfg.accountant} "
-            "accountant. Opacus secure_mode is off (seeded PRNG noise): fine for research, not for "
-            "deployment.")
+            f"(eps, delta)-DP under add/remove of one training {unit} by DP-{cfg.optimizer.upper()} "
+            f"(Opacus, Poisson sampling of {unit}s, per-{unit} clipping C={cfg.max_grad_norm}); "
+            f"eps from the {cfg.accountant} accountant.")
+        notes.append(privacy_statement(cfg, 0)["dp_noise_note"][0].upper()
+                     + privacy_statement(cfg, 0)["dp_noise_note"][1:] + ".")
         notes.append("Model selection on the validation split (early stopping, best epoch) is not "
                      "counted in eps." if cfg.early_stopping_patience is not None else
                      "The final model is the last iterate; no validation-based choice is made.")
+        notes.append("Training loss and accuracy on the private batches are not recorded; the "
+                     "curves are of the validation split.")
         if cfg.logit_adjust:
             notes.append(
-                f"The class prior of the logit-adjusted loss is a class histogram released once "
-                f"with the Gaussian mechanism (L2 sensitivity 1, noise std {cfg.hist_noise}); eps "
-                "is the accountant's composition of that release (as one step with q = 1) and "
-                "the DP training steps.")
+                f"The class prior of the logit-adjusted loss is a histogram of the training "
+                f"{unit}s' classes released once with the Gaussian mechanism (L2 sensitivity 1, "
+                f"noise std {cfg.hist_noise}); eps is the accountant's composition of that release "
+                "(as one step with q = 1) and the DP training steps.")
     else:
         notes.append("Non-private: no privacy guarantee.")
     return notes
