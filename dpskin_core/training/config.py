@@ -21,6 +21,7 @@ from ..errors import ConfigError, UnknownNameError
 from .backbones import BACKBONES
 from .frontends import FRONT_ENDS
 from .optim import OPTIMIZERS
+from .persample import GRAD_SAMPLE_MODES, MODE_CHOICES
 from .privacy import TRAINING_ACCOUNTANTS, check_epsilon_delta
 
 #: Fields that do not change what a run computes; they are left out of the run hash.
@@ -28,7 +29,8 @@ NON_SEMANTIC_FIELDS = frozenset({"name", "recipe", "device", "num_threads", "pro
                                  "cache_dir"})
 #: Fields read only under DP; a non-private run ignores them, so they are not hashed there.
 DP_ONLY_FIELDS = ("target_epsilon", "delta", "max_grad_norm", "accountant",
-                  "max_physical_batch_size", "hist_noise", "dp_noise", "privacy_unit")
+                  "max_physical_batch_size", "hist_noise", "dp_noise", "privacy_unit",
+                  "grad_sample_mode")
 #: Fields read only by the logit-adjusted loss.
 LOGIT_ADJUST_FIELDS = ("la_tau", "hist_noise")
 
@@ -101,6 +103,7 @@ class RunConfig:
     accountant: str = "prv"                 # prv | rdp (privacy.TRAINING_ACCOUNTANTS)
     dp_noise: str = "secret"                # secret | seeded | secure (see DP_NOISE_MODES)
     privacy_unit: str = "image"             # image | lesion (see PRIVACY_UNITS)
+    grad_sample_mode: str = "auto"          # per-sample gradient engine (training.persample)
     # --- execution (not hashed) -------------------------------------------------------
     device: str = "auto"                    # auto | cpu | cuda
     num_threads: Optional[int] = None       # torch CPU threads (None: torch default)
@@ -211,6 +214,13 @@ def _text(cfg: RunConfig, field: str, optional: bool = False) -> None:
         raise ConfigError(f"{field} must be a string{' or None' if optional else ''}, got {v!r}")
 
 
+def grad_sample_settings(cfg: RunConfig) -> Dict[str, Any]:
+    """The settings a per-sample gradient engine must serve (:meth:`GradSampleMode.refusal`)."""
+    return dict(aug_mult=cfg.aug_mult, privacy_unit=cfg.privacy_unit,
+                max_physical_batch_size=cfg.max_physical_batch_size,
+                logit_adjust=cfg.logit_adjust, backbone=cfg.backbone)
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks that need no data (checks against N, delta < 1/N and batch <= N, run in the
     trainer's first step). Every field is checked: type, finiteness, range, known names."""
@@ -239,6 +249,7 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg, "device", DEVICES)
     _choice(cfg, "dp_noise", DP_NOISE_MODES)
     _choice(cfg, "privacy_unit", PRIVACY_UNITS)
+    _choice(cfg, "grad_sample_mode", MODE_CHOICES)
     _choice(cfg, "optimizer", OPTIMIZERS.names())
     _choice(cfg, "accountant", TRAINING_ACCOUNTANTS)
     _choice(cfg, "lr_schedule", LR_SCHEDULES)
@@ -261,6 +272,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"normalisation={cfg.normalisation!r}; expected one of "
                           f"{', '.join(NORMALISATIONS)}")
     if cfg.dp:
+        if cfg.grad_sample_mode != "auto":  # the settings it cannot serve; the layers in the trainer
+            why = GRAD_SAMPLE_MODES.get(cfg.grad_sample_mode).refusal(**grad_sample_settings(cfg))
+            if why:
+                raise ConfigError(why)
         if cfg.target_epsilon is None:
             raise ConfigError("target_epsilon is required when dp=True")
         check_epsilon_delta(cfg.target_epsilon, cfg.delta)

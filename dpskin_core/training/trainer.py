@@ -46,10 +46,11 @@ from ..files import read_json, write_atomic, write_json
 from . import privacy, records
 from .backbones import build_backbone
 from .checkpoint import Checkpoint, StateDict, dp_seed, released_weights, save_best
-from .config import RunConfig
+from .config import RunConfig, grad_sample_settings
 from .frontends import Inputs
 from .metrics import evaluate
 from .optim import build_optimizer
+from .persample import BookKeeping, FastGradSample, resolve_mode
 
 
 @dataclass
@@ -98,6 +99,10 @@ def check_against_data(cfg: RunConfig, data: DataBundle) -> None:
     for split in {"val", cfg.eval_split}:
         if len(getattr(data, f"y_{split}")) == 0:
             raise ConfigError(f"the {split} split is empty; change val_frac/test_frac")
+    if cfg.dp:  # the per-sample gradient engine must serve every layer (a shape-only model)
+        with torch.device("meta"):
+            shape_only = build_backbone(cfg.backbone, num_classes=len(CLASSES))
+        resolve_mode(cfg.grad_sample_mode, shape_only, **grad_sample_settings(cfg))
 
 
 @torch.no_grad()
@@ -148,6 +153,7 @@ class TrainingSetup:
     dp_seed: Optional[int] = None  # root of the DP randomness (checkpoint.dp_seed); None: no DP
     units: Optional[torch.Tensor] = None  # (N,) privacy unit of each image (lesion-level DP)
     n_units: int = 0              # privacy units of the training split (images or lesions)
+    grad_sample_mode: Optional[str] = None  # the per-sample gradient engine used (DP only)
 
 
 def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
@@ -182,10 +188,13 @@ def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
 
 
 def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 n_images: int, total_steps: int, prefix: tuple, g_sample: torch.Generator,
-                 g_noise: torch.Generator, groups: Optional[List[np.ndarray]] = None):
-    """Opacus' ``make_private`` on our Poisson loader, with sigma derived from the target:
-    (engine, model, optimizer, loader, sigma, q).
+                 criterion: nn.Module, n_images: int, total_steps: int, prefix: tuple,
+                 g_sample: torch.Generator, g_noise: torch.Generator,
+                 groups: Optional[List[np.ndarray]] = None):
+    """Opacus' ``make_private`` on our Poisson loader, with sigma derived from the target and
+    the per-sample gradient engine resolved for the backbone (:mod:`.persample`):
+    (engine, model, optimizer, criterion, loader, sigma, q, mode name). The criterion is
+    Opacus' two-pass wrapper under ``ghost``, else unchanged.
 
     Every privacy unit (an image; with ``groups``, a lesion) enters each batch independently
     with probability q = 1/ceil(U/B) (U units, B the expected batch size), and an epoch is
@@ -209,15 +218,32 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
         secure = cfg.dp_noise == "secure"
         loader = poisson_loader(n_images, q, steps, engine.secure_rng if secure else g_sample,
                                 groups)
-        model, optimizer, loader = engine.make_private(
+        mode = resolve_mode(cfg.grad_sample_mode, model, **grad_sample_settings(cfg))
+        fast = {"fast": lambda: FastGradSample(model),
+                "bk": lambda: BookKeeping(model, cfg.max_grad_norm)}.get(mode.name, lambda: None)()
+        out = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
             max_grad_norm=cfg.max_grad_norm, poisson_sampling=False,
-            noise_generator=None if secure else g_noise)
+            noise_generator=None if secure else g_noise, criterion=criterion,
+            grad_sample_mode=mode.opacus_mode)
+        model, optimizer, loader = out[0], out[1], out[-1]
+        criterion = out[2] if len(out) == 4 else criterion  # ghost: the two-pass loss wrapper
+        if fast is not None:
+            fast.bind(model)  # the wrapper calls the model's forward past its own hooks
+        if mode.name == "bk":  # p.grad is the clipped sum: the optimizer of Opacus' ghost mode
+            from opacus.optimizers import DPOptimizerFastGradientClipping
+
+            dp_opt = optimizer
+            optimizer = DPOptimizerFastGradientClipping(
+                dp_opt.original_optimizer, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
+                expected_batch_size=dp_opt.expected_batch_size, loss_reduction="mean",
+                generator=dp_opt.generator, secure_mode=secure)
+            optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=1 / len(loader)))
     optimizer.expected_batch_size = n_units * q  # units per batch on average (Opacus: int())
     engine.accountant.history = list(prefix)   # e.g. the histogram release, before any step
     if abs(1 / len(loader) - q) > 1e-12:
         raise AssertionError(f"accountant (q = 1/{len(loader)}) and sampler (q = {q}) disagree")
-    return engine, model, optimizer, loader, sigma, q
+    return engine, model, optimizer, criterion, loader, sigma, q, mode.name
 
 
 def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
@@ -247,10 +273,11 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
     n_units = len(groups) if groups is not None else n_train
     steps_per_epoch = privacy.steps_per_epoch(cfg.batch_size, n_units)
     total_steps = steps_per_epoch * cfg.epochs
-    engine, sigma, q = None, None, None
+    engine, sigma, q, mode = None, None, None, None
     if cfg.dp:
-        engine, model, optimizer, loader, sigma, q = make_private(
-            cfg, model, optimizer, n_train, total_steps, prefix, g_sample, g_noise, groups)
+        engine, model, optimizer, criterion, loader, sigma, q, mode = make_private(
+            cfg, model, optimizer, criterion, n_train, total_steps, prefix, g_sample, g_noise,
+            groups)
     else:
         loader = DataLoader(TensorDataset(torch.arange(n_train)), batch_size=cfg.batch_size,
                             shuffle=True, generator=g_sample)
@@ -265,7 +292,7 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
         ema = EMA(_unwrapped(model), cfg.ema_decay)
     return TrainingSetup(model, optimizer, loader, scheduler, criterion, engine, sigma, q,
                          steps_per_epoch, g_sample, g_noise, g_aug, eval_model, ema, prefix,
-                         released, dp_seed, units, n_units)
+                         released, dp_seed, units, n_units, mode)
 
 
 # --------------------------------------------------------------------------- the session
@@ -354,6 +381,7 @@ def resume(s: Session) -> None:
         "noise_multiplier": setup.noise_multiplier, "sample_rate": setup.sample_rate,
         "delta": cfg.delta if cfg.dp else None, "accountant": cfg.accountant if cfg.dp else None,
         "max_grad_norm": cfg.max_grad_norm if cfg.dp else None, "notes": _notes(cfg),
+        "grad_sample_mode": setup.grad_sample_mode,
         "privacy": privacy_statement(cfg, setup.n_units) if cfg.dp else None,
         "released_before_training": setup.released,
         "prefix_history": privacy.history_summary(setup.prefix_history),

@@ -1,0 +1,196 @@
+"""Per-sample gradient engines (dpskin_core.training.persample): every engine gives the hooks
+mode's clipped, noised update for every image backbone, with the same per-sample norms and
+the same accountant history; combinations a mode cannot serve are refused, naming both."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dpskin_core.errors import ConfigError
+from dpskin_core.training import trainer
+from dpskin_core.training.backbones import BACKBONES, build_backbone
+from dpskin_core.training.checkpoint import Checkpoint
+from dpskin_core.training.config import RunConfig
+from dpskin_core.training.persample import (GRAD_SAMPLE_MODES, MODE_CHOICES, FastGradSample,
+                                            conv2d_grad_sample, resolve_mode)
+
+from test_models import IMAGE_BACKBONES, one_thread  # noqa: F401 (fixture)
+from test_train import BASE, random_bundle
+
+
+def dp_step(backbone: str, mode: str, x: torch.Tensor, y: torch.Tensor):
+    """One DP-SGD step of a fresh ``backbone`` through the trainer's make_private with ``mode``:
+    (parameters after the step, per-sample gradient norms or None, accountant history)."""
+    torch.manual_seed(0)
+    model = build_backbone(backbone, num_classes=7)
+    cfg = RunConfig(backbone=backbone, dp=True, target_epsilon=8.0, delta=1e-5, lr=0.5,
+                    batch_size=len(x), grad_sample_mode=mode, dp_noise="seeded")
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    g_noise = torch.Generator().manual_seed(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus' full-backward-hook notice (inputs need no grad)
+        _, model, optimizer, criterion, _, _, _, used = trainer.make_private(
+            cfg, model, optimizer, nn.CrossEntropyLoss(), 10 * len(x), 10, (), torch.Generator(),
+            g_noise)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+    norms = None
+    if GRAD_SAMPLE_MODES.get(used).per_sample_rows:
+        rows = [p.grad_sample.reshape(len(x), -1) for p in model.parameters() if p.requires_grad]
+        norms = torch.cat(rows, 1).norm(dim=1)
+    optimizer.step()
+    after = {k: v.detach().clone() for k, v in trainer._unwrapped(model).state_dict().items()}
+    return after, norms, used
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", IMAGE_BACKBONES)
+def test_every_mode_gives_the_hooks_update(name, one_thread):  # noqa: F811
+    torch.manual_seed(1)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 6])
+    ref, ref_norms, _ = dp_step(name, "hooks", x, y)
+    assert ref_norms is not None and (ref_norms > 0).all()
+    for mode in GRAD_SAMPLE_MODES.names():
+        if mode == "hooks":
+            continue
+        if name in dict(GRAD_SAMPLE_MODES.get(mode).refused_backbones):
+            with pytest.raises(ConfigError, match=f"grad_sample_mode={mode!r} cannot train "
+                                                  f"backbone {name!r}"):
+                RunConfig(backbone=name, dp=True, target_epsilon=8.0, grad_sample_mode=mode)
+            continue
+        got, norms, used = dp_step(name, mode, x, y)
+        assert used == mode
+        for k in ref:
+            # the noise (sigma C ~ 0.4 per coordinate, lr 0.5) dominates; rounding is ~1e-6
+            assert torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-5), (name, mode, k)
+        if norms is not None:
+            assert torch.allclose(norms, ref_norms, rtol=1e-4), (name, mode)
+    # "auto" takes the book-keeping engine on every image backbone of the project
+    assert dp_step(name, "auto", x, y)[2] == "bk"
+
+
+@pytest.mark.parametrize("positions", [64, 1024])  # below / above the grouped path's threshold
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv_grad_sample_matches_autograd_per_sample(positions, groups):
+    side = int(positions ** 0.5)
+    layer = nn.Conv2d(8, 12, 3, padding=1, stride=1, groups=groups, bias=True)
+    a = torch.randn(5, 8, side, side)
+    g = torch.randn(5, 12, side, side)
+    got = conv2d_grad_sample(layer, a, g)
+    for i in range(5):
+        layer.zero_grad()
+        layer(a[i:i + 1]).backward(g[i:i + 1])
+        assert torch.allclose(got[layer.weight][i], layer.weight.grad, atol=1e-4)
+        assert torch.allclose(got[layer.bias][i], layer.bias.grad, atol=1e-4)
+
+
+def test_fast_engine_leaves_the_flowing_gradient_alone():
+    """Per-sample rows equal the per-example autograd gradients (a 2-D layer's bias row is a
+    view of the output gradient: scaling it in place would corrupt every layer below)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    ref = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    FastGradSample(model)
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad is None for p in model.parameters())  # no summed weight gradient
+    assert all(p.requires_grad for p in model.parameters())  # thawed after the forward pass
+    check = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        for p, r in zip(check.parameters(), ref):
+            p.copy_(r)
+    for i in range(5):
+        check.zero_grad()
+        nn.functional.cross_entropy(check(x[i:i + 1]), y[i:i + 1]).backward()
+        for p, q in zip(model.parameters(), check.parameters()):
+            assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("settings", [dict(aug_mult=2), dict(logit_adjust=True),
+                                      dict(max_physical_batch_size=16)])
+def test_ghost_refuses_what_needs_per_sample_rows(settings):
+    with pytest.raises(ConfigError, match=r"grad_sample_mode='ghost'.*" + next(iter(settings))):
+        RunConfig(**BASE, dp=True, target_epsilon=3.0, grad_sample_mode="ghost", **settings)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_lesion_units_and_views_refuse_norm_only_modes(mode):
+    for settings, what in ((dict(privacy_unit="lesion"), "privacy_unit='lesion'"),
+                           (dict(aug_mult=2), "aug_mult=2")):
+        with pytest.raises(ConfigError, match=f"grad_sample_mode='{mode}'.*{what}"):
+            RunConfig(**BASE, dp=True, target_epsilon=3.0, grad_sample_mode=mode, **settings)
+
+
+def test_unknown_mode_and_unsupported_layers():
+    with pytest.raises(ConfigError, match="grad_sample_mode='bookkeeping'; expected one of auto, "):
+        RunConfig(**BASE, dp=True, target_epsilon=3.0, grad_sample_mode="bookkeeping")
+    assert set(MODE_CHOICES) == {"auto", *GRAD_SAMPLE_MODES.names()}
+
+    class Scale(nn.Module):  # a layer no per-sample formula knows
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.w
+
+    model = nn.Sequential(nn.Linear(3, 3), Scale())
+    with pytest.raises(ConfigError, match="'fast' has no per-sample gradient for the Scale "
+                                          "layer.*backbone 'mine'"):
+        resolve_mode("fast", model, backbone="mine")
+    assert resolve_mode("auto", model, backbone="mine").name == "hooks"
+    with pytest.raises(ConfigError, match="'bk' has no per-sample gradient for the Scale"):
+        resolve_mode("bk", model, backbone="mine")
+    # auto: bk where the settings allow it, else the fast engine (which keeps per-sample rows)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(36, 2))
+    assert resolve_mode("auto", conv).name == "bk"
+    assert resolve_mode("auto", conv, aug_mult=2).name == "fast"
+    assert resolve_mode("auto", conv, privacy_unit="lesion").name == "fast"
+
+
+def test_every_backbone_resolves_before_any_run_folder(tmp_path, monkeypatch):
+    """The engine is checked against the backbone's layers before the run folder exists."""
+    from dpskin_core.training import persample
+
+    monkeypatch.setattr(persample, "unsupported_layers", lambda model: ["Conv2d"])
+    cfg = RunConfig(**BASE, dp=True, target_epsilon=3.0, delta=1e-4, grad_sample_mode="fast")
+    with pytest.raises(ConfigError, match="'fast' has no per-sample gradient for the Conv2d"):
+        trainer.run(cfg, tmp_path, data=random_bundle())
+    assert not any(tmp_path.iterdir())
+    monkeypatch.undo()
+    for name in BACKBONES.names():
+        with torch.device("meta"):
+            model = build_backbone(name, num_classes=7)
+        assert resolve_mode("auto", model, backbone=name).name == "bk"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [dict(aug_mult=2), dict(privacy_unit="lesion"),
+                                   dict(max_physical_batch_size=8), dict(logit_adjust=True)])
+def test_fast_and_hooks_runs_agree_with_every_lever(tmp_path, extra):
+    """Whole runs (Poisson sampling, noise, accountant) with each lever: the fast engine ends
+    with the hooks engine's weights (rounding aside), eps and privacy history."""
+    data = random_bundle()
+    if extra.get("privacy_unit") == "lesion":  # lesions of two images
+        data.meta.loc[data.meta["split"] == "train", "lesion_id"] = [f"L{i // 2}" for i in range(240)]
+    out = {}
+    modes = ["hooks", "fast"] + (["bk"] if not {"aug_mult", "privacy_unit"} & set(extra) else [])
+    for mode in modes:
+        cfg = RunConfig(**dict(BASE, epochs=2), dp=True, target_epsilon=4.0, delta=1e-4,
+                        dp_noise="seeded", grad_sample_mode=mode, **extra)
+        res = trainer.run(cfg, tmp_path / mode, data=data)
+        out[mode] = (res, Checkpoint.load(res.run_dir / "checkpoints").model)
+    rh, wh = out.pop("hooks")
+    assert rh.meta["grad_sample_mode"] == "hooks"
+    for mode, (rf, wf) in out.items():
+        assert rf.meta["grad_sample_mode"] == mode
+        assert rh.epsilon == rf.epsilon and rh.meta["privacy_history"] == rf.meta["privacy_history"]
+        for k in wh:
+            if wh[k].dtype.is_floating_point:
+                assert torch.allclose(wh[k], wf[k], rtol=1e-3, atol=1e-4), (mode, k)
+        assert np.isclose(rh.final_metrics["nll"], rf.final_metrics["nll"], rtol=1e-3), mode
