@@ -51,8 +51,11 @@ overrides = {}
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
+import seaborn as sns
 
+import dpskin_core
 from dpskin_core.book.registry import load_registry, profile_params, thaw
 from dpskin_core.book.sweeps import current_runs
 from dpskin_core.book.tables import glue
@@ -133,3 +136,38 @@ table.set_index("run id") if len(table) else table
 
 # %% [markdown]
 # {glue:text}`n_runs` runs, {glue:text}`train_hours:.2f` hours of training in total.
+
+# %% [markdown]
+# ## The cost of DP training, per engine
+#
+# How much slower, and how much more memory, a DP-SGD step takes than a non-private one,
+# for each per-sample gradient engine (`grad_sample_mode`, `dpskin_core/training/persample.py`),
+# measured side by side in one invocation of the benchmark (each configuration in its own
+# process, the trainer's own epoch on ISIC 2018 images, the fastest of the timed epochs):
+#
+# ```bash
+# python benchmarks/bench_dp_modes.py --steps 3 --repeats 1 --out benchmarks/results/dp_modes.csv
+# ```
+#
+# The table is read from the benchmark's committed result file, not from this profile's runs.
+# `auto`, the default, takes the first of `bk`, `fast`, `hooks` that serves the run.
+
+# %% tags=["hide-input"]
+bench_file = Path(dpskin_core.__file__).resolve().parents[1] / "benchmarks/results/dp_modes.csv"
+if bench_file.is_file():
+    bench = pd.read_csv(bench_file)
+    ok = bench[bench["mode"] != "nonprivate"].dropna(subset=["time_ratio"]).copy()
+    ok["network"] = ok["backbone"] + " " + ok["image_size"].astype(str) + " px, " \
+        + ok["threads"].astype(str) + " thr"
+    g = sns.catplot(data=ok, x="time_ratio", y="network", hue="mode", kind="bar", height=4,
+                    aspect=1.6, hue_order=[m for m in ("bk", "fast", "hooks", "ew", "functorch", "ghost")
+                                           if m in set(ok["mode"])])
+    g.set_axis_labels("DP step time / non-private step time", "")
+    for ax in g.axes.flat:
+        ax.axvline(1.3, color="grey", ls="--", lw=1)
+    plt.show()
+    speed = ok.pivot_table(index=["backbone", "image_size", "threads"], columns="mode",
+                           values=["time_ratio", "memory_ratio"]).round(2)
+    display(speed)  # noqa: F821 (IPython's display)
+else:
+    print(f"no benchmark result at {bench_file}: run the command above")
