@@ -15,7 +15,8 @@ from dpskin_core.training import trainer
 from dpskin_core.training.backbones import BACKBONES, build_backbone
 from dpskin_core.training.checkpoint import Checkpoint
 from dpskin_core.training.config import RunConfig
-from dpskin_core.training.persample import (GRAD_SAMPLE_MODES, MODE_CHOICES, FastGradSample,
+from dpskin_core.training.persample import (GRAD_SAMPLE_MODES, MODE_CHOICES, BookKeeping,
+                                            FastGradSample,
                                             conv2d_grad_sample, resolve_mode)
 
 from test_models import IMAGE_BACKBONES, one_thread  # noqa: F401 (fixture)
@@ -87,6 +88,26 @@ def test_conv_grad_sample_matches_autograd_per_sample(positions, groups):
         layer(a[i:i + 1]).backward(g[i:i + 1])
         assert torch.allclose(got[layer.weight][i], layer.weight.grad, atol=1e-4)
         assert torch.allclose(got[layer.bias][i], layer.bias.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["fast", "bk"])
+def test_engines_read_channels_last_tensors_right(mode):
+    """oneDNN returns channels-last maps for small inputs on CPU; the engines must give the
+    per-sample gradients (bk: their clipped sum) of the contiguous computation."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.Flatten(), nn.Linear(8 * 16, 3))
+    x = torch.randn(4, 3, 4, 4).to(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 0])
+    ref = [torch.autograd.grad(nn.functional.cross_entropy(conv(x[i:i + 1]), y[i:i + 1]),
+                               list(conv.parameters())) for i in range(4)]
+    engine = FastGradSample(conv) if mode == "fast" else BookKeeping(conv, max_grad_norm=1e9)
+    nn.functional.cross_entropy(conv(x), y).backward()
+    for j, p in enumerate(conv.parameters()):
+        want = torch.stack([r[j] for r in ref])
+        got = p.grad_sample if mode == "fast" else p.grad
+        assert torch.allclose(got, want if mode == "fast" else want.sum(0), atol=1e-4), j
+    engine.remove()
 
 
 def test_fast_engine_leaves_the_flowing_gradient_alone():

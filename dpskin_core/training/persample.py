@@ -230,7 +230,9 @@ class FastGradSample:
     @torch.no_grad()
     def _grad_sample(self, layer: nn.Module, g: torch.Tensor) -> None:
         a = self._saved[layer].pop()  # backward visits a reused layer's calls in reverse
-        g = g.detach()
+        # oneDNN may hand over channels-last tensors (small maps on CPU); Opacus' unfold2d
+        # reads its input as contiguous and silently returns wrong rows for them
+        a, g = a.contiguous(), g.detach().contiguous()
         n = g.shape[0]
         params = [p for p in layer.parameters(recurse=False)]
         if n == 0:  # an empty Poisson batch: no rows (the optimizer clips nothing, adds noise)
@@ -283,7 +285,8 @@ class BookKeeping(FastGradSample):
 
     @torch.no_grad()
     def _grad_sample(self, layer: nn.Module, g: torch.Tensor) -> None:
-        self._kept.append((layer, self._saved[layer].pop(), g.detach()))
+        # contiguous: see FastGradSample._grad_sample (channels-last tensors from oneDNN)
+        self._kept.append((layer, self._saved[layer].pop().contiguous(), g.detach().contiguous()))
         self._pending -= 1
         if self._pending == 0:  # the whole backward pass is in: norms, then clipped sums
             self._clipped_sums()
