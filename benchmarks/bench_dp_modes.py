@@ -7,12 +7,12 @@ train_one_epoch`: Poisson batches, augmentation, optimizer) on the first ``batch
 training images of ISIC 2018 (``--data-root``; the embedded synthetic set when absent), each
 in its own process (so peak memory, ru_maxrss, is per configuration). One warm-up epoch, then
 ``--repeats`` timed epochs; the row keeps the fastest. The input pipeline's share of the step
-(indexing, augmentation, normalisation: ``Inputs.train``) is timed inside the same epochs.
+(gather, augmentation, normalisation: ``Inputs.train_batch``) is timed inside the same epochs.
 
     python benchmarks/bench_dp_modes.py --out benchmarks/results/dp_modes.csv
 
 Prints and writes one row per configuration with ``time_ratio`` and ``memory_ratio`` against
-the non-private row of the same backbone, size and threads.
+the non-private row of the same backbone, size, threads and batch.
 """
 from __future__ import annotations
 
@@ -28,7 +28,11 @@ from pathlib import Path
 
 import pandas as pd
 
-MODES = ("nonprivate", "fast", "hooks", "ew", "functorch", "ghost")
+def _modes() -> tuple:
+    """Non-private SGD and every registered per-sample gradient engine."""
+    from dpskin_core.training.persample import GRAD_SAMPLE_MODES
+
+    return ("nonprivate", *GRAD_SAMPLE_MODES.names())
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/isic2018_task3_200x150"
 
 
@@ -40,7 +44,6 @@ def one(args: argparse.Namespace) -> dict:
     from dpskin_core import RunConfig
     from dpskin_core.data import DataBundle, DataSpec, load_data
     from dpskin_core.training import trainer
-    from dpskin_core.training.frontends import Inputs
 
     torch.set_num_threads(args.threads)
     real = Path(args.data_root).is_dir()
@@ -58,24 +61,13 @@ def one(args: argparse.Namespace) -> dict:
                     epochs=1 + args.repeats, lr=0.05, dp=dp, target_epsilon=8.0 if dp else None,
                     delta=1e-5, dp_noise="seeded", grad_sample_mode=args.mode if dp else "auto",
                     progress=False, num_threads=args.threads, dataset=spec.dataset)
-    pipe = {"s": 0.0}
-    real_train = Inputs.train
-
-    def timed_train(self, xb, generator):
-        t0 = time.perf_counter()
-        out = real_train(self, xb, generator)
-        pipe["s"] += time.perf_counter() - t0
-        return out
-
-    Inputs.train = timed_train
     with tempfile.TemporaryDirectory() as tmp:
         s = trainer.start(cfg, data, Path(tmp))
         epochs = []
         for epoch in range(1, cfg.epochs + 1):
-            pipe["s"] = 0.0
-            t0 = time.perf_counter()
+            pipe0, t0 = s.inputs.pipeline_s, time.perf_counter()
             trainer.train_one_epoch(s, epoch)
-            epochs.append((time.perf_counter() - t0, pipe["s"]))
+            epochs.append((time.perf_counter() - t0, s.inputs.pipeline_s - pipe0))
     best, best_pipe = min(epochs[1:])
     return {"backbone": args.backbone, "image_size": args.size, "threads": args.threads,
             "mode": args.mode, "batch": args.batch, "steps": s.setup.steps_per_epoch,
@@ -90,7 +82,7 @@ def main() -> None:
     p.add_argument("--data-root", default=str(DEFAULT_DATA))
     p.add_argument("--grid", default="smallcnn:32:256,resnet18:32:64,resnet18:64:32",
                    help="backbone:size:batch,... (batch per backbone keeps the hooks mode in memory)")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=None, help="comma-separated (default: nonprivate and every engine)")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--steps", type=int, default=4, help="Poisson batches per timed epoch")
     p.add_argument("--repeats", type=int, default=2, help="timed epochs after one warm-up")
@@ -103,11 +95,11 @@ def main() -> None:
         args.threads = args.thread
         print(json.dumps(one(args)))
         return
-    rows = []
+    rows, modes = [], args.modes or ",".join(_modes())
     for spec in args.grid.split(","):
         backbone, size, batch = spec.split(":")
         for threads in args.threads.split(","):
-            for mode in args.modes.split(","):
+            for mode in modes.split(","):
                 cmd = [sys.executable, __file__, "--one", "--backbone", backbone, "--size", size,
                        "--batch", batch, "--mode", mode, "--thread", threads, "--data-root",
                        args.data_root, "--steps", str(args.steps), "--repeats", str(args.repeats)]
@@ -121,7 +113,7 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
     df = pd.DataFrame(rows)
-    key = ["backbone", "image_size", "threads"]
+    key = ["backbone", "image_size", "threads", "batch"]
     base = df[df["mode"] == "nonprivate"].set_index(key)
     df = df.join(base[["s_per_step", "peak_rss_mb"]].rename(columns=lambda c: "np_" + c), on=key)
     df["time_ratio"] = df["s_per_step"] / df["np_s_per_step"]

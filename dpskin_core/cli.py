@@ -1,6 +1,6 @@
 """``dpskin`` command line: a thin wrapper over the library.
 
-    dpskin train [--config FILE] [--set key=value ...] [--runs DIR]
+    dpskin train [--config FILE] [--set key=value ...] [--runs DIR] [--nproc N]
     dpskin runs [--runs DIR]
     dpskin data synth --n N --size S --out DIR [--seed K]
     dpskin download {isic2018,dermamnist} --dest DIR [--base-url URL]
@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -40,8 +41,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training import RunConfig, run
 
     base = RunConfig.from_file(args.config).to_dict() if args.config else {}
-    cfg = RunConfig.from_dict({**base, **parse_overrides(args.set)})
+    cfg = RunConfig.from_dict({**base, **parse_overrides(args.set)})  # bad config: before launch
+    if args.nproc < 1:
+        raise DpskinError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # re-launch under torchrun
+        from .training.distributed import launch
+
+        forwarded = ["--config", args.config] if args.config else []
+        for item in args.set:
+            forwarded += ["--set", item]
+        if args.runs:
+            forwarded += ["--runs", args.runs]
+        return launch(args.nproc, ["dpskin_core.cli", "train", *forwarded])
     res = run(cfg, runs_root=args.runs)
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports
+        return 0
     print(f"run {res.run_id} ({'reused' if res.reused else 'trained'}): {res.run_dir}")
     for k in ("balanced_accuracy", "accuracy", "auc_macro", "ece"):
         if k in res.final_metrics:
@@ -100,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set dp=true --set target_epsilon=8")
     t.add_argument("--runs", default=None, help="runs folder (default $DPSKIN_RUNS or ./runs)")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="training processes on this machine (torchrun; gloo on CPU, NCCL on CUDA)")
     t.set_defaults(func=_cmd_train)
 
     r = sub.add_parser("runs", help="list complete runs")

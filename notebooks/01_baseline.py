@@ -57,7 +57,7 @@ backbones = P.backbones
 
 # %% tags=["hide-output"]
 runs = sweep([cfg for o in optimizers for cfg in RECIPES.get(f"nonprivate-{o}").configs(P)],
-             P.runs_root)
+             P.runs_root, nproc=P.nproc)
 runs["method"] = runs["label"]
 
 # %% [markdown]

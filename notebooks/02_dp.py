@@ -59,8 +59,9 @@ glue("dp_name", DP_NAME, display=False)
 # they are read back, not retrained); then one private run per backbone, budget and seed.
 
 # %% tags=["hide-output"]
-nonprivate = sweep(RECIPES.get(f"nonprivate-{optimizer}").configs(P), P.runs_root)
-private = sweep(DP_RECIPE.configs(P), P.runs_root)
+nonprivate = sweep(RECIPES.get(f"nonprivate-{optimizer}").configs(P), P.runs_root,
+                   nproc=P.nproc)
+private = sweep(DP_RECIPE.configs(P), P.runs_root, nproc=P.nproc)
 runs = pd.concat([nonprivate, private], ignore_index=True)
 budget_order = figures.with_budget(runs, epsilons)
 metrics = load_metrics(P.runs_root)
@@ -165,8 +166,8 @@ glue("best_drop", float(drop_lo.min()), display=False)
 # %% tags=["hide-output"]
 LESION_RECIPE = RECIPES.get(f"dp-{optimizer}-lesion")
 units = pd.concat([
-    sweep(DP_RECIPE.configs(P, epsilons=P.lesion_epsilons), P.runs_root),
-    sweep(LESION_RECIPE.configs(P, epsilons=P.lesion_epsilons), P.runs_root),
+    sweep(DP_RECIPE.configs(P, epsilons=P.lesion_epsilons), P.runs_root, nproc=P.nproc),
+    sweep(LESION_RECIPE.configs(P, epsilons=P.lesion_epsilons), P.runs_root, nproc=P.nproc),
 ], ignore_index=True)
 units["unit"] = units["privacy_unit"]
 

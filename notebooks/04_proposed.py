@@ -70,7 +70,8 @@ glue("proposed_batch_size", P.proposed_batch_size, display=False)
 # non-private counterpart (the recipes are defined in dpskin_core.training.recipes)
 compared = ["nonprivate-sgd", "nonprivate-adam", "dp-sgd", "dp-adam", "proposed",
             "proposed-nonprivate"]
-parts = {RECIPES.get(name).label: sweep(RECIPES.get(name).configs(P, backbones=[b0]), P.runs_root)
+parts = {RECIPES.get(name).label: sweep(RECIPES.get(name).configs(P, backbones=[b0]), P.runs_root,
+                                            nproc=P.nproc)
          for name in compared}
 runs = pd.concat([df.assign(model=k) for k, df in parts.items()], ignore_index=True)
 runs["ε"] = np.where(runs["dp"].astype(bool), runs["target_epsilon"], np.inf)
@@ -151,7 +152,8 @@ figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
 # %% tags=["hide-output"]
 ablations = [RECIPES.get(n) for n in ("ablation/no-logit-adjustment", "ablation/no-ema",
                                        "ablation/no-front-end", "ablation/scatter-front-end")]
-abl = pd.concat([sweep(r.configs(P, epsilons=ablation_epsilons), P.runs_root).assign(model=r.label)
+abl = pd.concat([sweep(r.configs(P, epsilons=ablation_epsilons), P.runs_root,
+                       nproc=P.nproc).assign(model=r.label)
                  for r in ablations], ignore_index=True)
 full = runs[(runs["model"] == PROPOSED) & runs["target_epsilon"].isin(ablation_epsilons)]
 abl = pd.concat([full.assign(model="full recipe"), abl], ignore_index=True)

@@ -150,7 +150,11 @@ table.set_index("run id") if len(table) else table
 # ```
 #
 # The table is read from the benchmark's committed result file, not from this profile's runs.
-# `auto`, the default, takes the first of `bk`, `fast`, `hooks` that serves the run.
+# `auto`, the default, takes the first of `bk`, `fast`, `hooks` that serves the run. The input
+# pipeline (gathering the batch's decoded images, augmentation, normalisation) is timed inside
+# the same epochs: its share of the step time is the last column group. On CUDA the decoded
+# images stay on the GPU when they fit (else pinned memory and non-blocking copies), and
+# `dpskin train --nproc N` trains one run in N processes (see the Methods chapter).
 
 # %% tags=["hide-input"]
 bench_file = Path(dpskin_core.__file__).resolve().parents[1] / "benchmarks/results/dp_modes.csv"
@@ -167,7 +171,7 @@ if bench_file.is_file():
         ax.axvline(1.3, color="grey", ls="--", lw=1)
     plt.show()
     speed = ok.pivot_table(index=["backbone", "image_size", "threads"], columns="mode",
-                           values=["time_ratio", "memory_ratio"]).round(2)
+                           values=["time_ratio", "memory_ratio", "input_pipeline_share"]).round(3)
     display(speed)  # noqa: F821 (IPython's display)
 else:
     print(f"no benchmark result at {bench_file}: run the command above")

@@ -263,6 +263,44 @@ def test_official_split(isic_layout, tmp_path):
         load_data(spec(root, tmp_path, split="bogus"))
 
 
+def test_leave_one_site_out_split(isic_layout, tmp_path):
+    root = isic_layout(per_class=12)  # 84 images, lesions of 2 consecutive images
+    gt = pd.read_csv(root / "ISIC2018_Task3_Training_GroundTruth.csv")
+    with pytest.raises(DataError, match="HAM10000_sites.csv: not found"):
+        load_data(spec(root, tmp_path, split="site:A"))
+    # sites A, B, C in turn by lesion; the last lesion was photographed at C and at A
+    site = np.array(["ABC"[(i // 2) % 3] for i in range(len(gt))])
+    assert site[-2] == "C"
+    site[-1] = "A"
+    pd.DataFrame({"image": gt["image"], "site": site}).to_csv(root / "HAM10000_sites.csv", index=False)
+    b = load_data(spec(root, tmp_path, split="site:A"))
+    m = b.meta.set_index("image")
+    test_lesions = set(m.lesion_id[m.split == "test"])
+    at_a = set(gt["image"][site == "A"])
+    assert at_a <= set(m.index[m.split == "test"])  # the whole site is the test split
+    assert test_lesions == set(m.lesion_id[list(at_a)])  # ... with the lesions photographed there
+    assert m.split[gt["image"].iloc[-2]] == "test"       # (its image from site C too)
+    assert not test_lesions & set(m.lesion_id[m.split != "test"])
+    assert (m.split == "val").any() and (m.split == "train").any()
+    assert b.info["split"] == "site:A"
+    with pytest.raises(DataError, match="unknown site; known: A, B, C"):
+        load_data(spec(root, tmp_path, split="site:Z"))
+    pd.DataFrame({"image": gt["image"][:-3], "site": site[:-3]}).to_csv(root / "HAM10000_sites.csv", index=False)
+    with pytest.raises(DataError, match="no site for 3 image"):
+        load_data(spec(root, tmp_path, split="site:A"))
+
+
+def test_site_split_in_the_config():
+    from dpskin_core.errors import ConfigError
+    from dpskin_core.training import RunConfig
+
+    cfg = RunConfig(split="site:rosendahl")
+    assert "test_frac" in cfg.inactive_fields()  # the held-out site is the test split
+    for bad in ("site:", "bogus"):
+        with pytest.raises(ConfigError, match="split"):
+            RunConfig(split=bad)
+
+
 def _dermamnist(path, **over):
     rng = np.random.default_rng(0)
     arrays = {}

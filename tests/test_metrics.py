@@ -148,12 +148,14 @@ def test_absent_class_matches_official_isic_definition():
 def test_evaluate_keys_and_table():
     y, probs = _random_predictions()
     m = evaluate(y, probs)
-    expected = {"balanced_accuracy", "accuracy", "auc_macro", "ece", "nll"}
+    expected = {"balanced_accuracy", "accuracy", "auc_macro", "ece", "nll", "predicted_classes"}
     expected |= {f"recall_{c}" for c in CLASSES} | {f"precision_{c}" for c in CLASSES}
     assert set(m) == expected
     assert all(isinstance(v, float) for v in m.values())
     assert m["balanced_accuracy"] == pytest.approx(np.mean([m[f"recall_{c}"] for c in CLASSES]))
     assert m["nll"] == pytest.approx(-np.mean(np.log(probs[np.arange(len(y)), y])))
+    assert m["predicted_classes"] == len(np.unique(probs.argmax(axis=1)))
+    assert evaluate(y, np.eye(7)[np.zeros(len(y), dtype=int)])["predicted_classes"] == 1.0
 
 
 def test_perfect_predictions():

@@ -256,3 +256,34 @@ def test_forced_early_stop_releases_the_best_checkpoint(tmp_path, monkeypatch):
 def test_pick_device():
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu").type == "cpu"
+
+
+def test_warmup_then_cosine_schedule():
+    from dpskin_core.training.trainer import lr_factor
+
+    f = lr_factor("cosine", total_steps=10, warmup_steps=4)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(7) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
+    assert lr_factor("constant", 10, 0)(0) == 1.0 and lr_factor("constant", 10, 2)(0) == 0.5
+    plain = lr_factor("cosine", 10)
+    assert plain(0) == 1.0 and plain(5) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        RunConfig(warmup_epochs=-1)
+
+
+def test_collapse_to_one_class_is_in_the_record(tmp_path, monkeypatch):
+    """A model predicting one class for every image is flagged per epoch and at the end."""
+    from dpskin_core.training import trainer
+
+    def constant(model, x, inputs, batch=512):
+        p = np.zeros((len(x), len(CLASSES)))
+        p[:, 1] = 1.0
+        return p
+
+    monkeypatch.setattr(trainer, "predict_proba", constant)
+    res = run(RunConfig(**BASE, name="collapse"), tmp_path, data=random_bundle())
+    assert res.meta["collapsed"] is True and res.meta["collapsed_at_epochs"] == [1, 2]
+    assert res.final_metrics["predicted_classes"] == 1
+    monkeypatch.undo()
+    ok = run(RunConfig(**dict(BASE, epochs=3), name="learns"), tmp_path, data=random_bundle())
+    assert ok.meta["collapsed"] is False and ok.final_metrics["predicted_classes"] > 1

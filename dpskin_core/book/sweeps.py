@@ -9,6 +9,8 @@ and returns one row per config read back from the run records. Chapters that onl
 from __future__ import annotations
 
 import contextlib
+import json
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -16,9 +18,11 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 import pandas as pd
 
+from ..errors import DpskinError
 from ..training import RunConfig, run
+from ..training.distributed import launch
 from ..training.recipes import RECIPES, Params, recipe_label
-from ..training.records import code_version, config_hash, load_runs
+from ..training.records import code_version, config_hash, load_runs, run_dir_for
 
 PathLike = Union[str, Path]
 
@@ -57,12 +61,39 @@ def _rows(configs: Sequence[RunConfig], ids: Sequence[str], runs_root: PathLike)
     return out
 
 
-def sweep(configs: Iterable[RunConfig], runs_root: PathLike, *, verbose: bool = True) -> pd.DataFrame:
+def processes(nproc: int) -> int:
+    """Training processes per run: ``nproc``, or for 0 one per CUDA device (1 without one)."""
+    import torch
+
+    if not isinstance(nproc, int) or nproc < 0:
+        raise DpskinError(f"nproc must be an integer >= 0, got {nproc!r}")
+    return nproc or max(1, torch.cuda.device_count())
+
+
+def run_in(cfg: RunConfig, runs_root: PathLike, nproc: int = 1):
+    """``run(cfg)``, trained by ``nproc`` processes under torchrun when more than one
+    (:mod:`dpskin_core.training.distributed`); the record is then read back by ``run``."""
+    n = processes(nproc)
+    meta = run_dir_for(cfg, runs_root) / "meta.json"
+    done = meta.is_file() and json.loads(meta.read_text()).get("status") == "complete"
+    if n > 1 and not done:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.json"
+            path.write_text(json.dumps(cfg.to_dict()))
+            rc = launch(n, ["dpskin_core.cli", "train", "--config", str(path), "--runs", str(runs_root)])
+        if rc != 0:
+            raise DpskinError(f"run {cfg.name!r}: torchrun with {n} processes exited with {rc}")
+    return run(cfg, runs_root)
+
+
+def sweep(configs: Iterable[RunConfig], runs_root: PathLike, *, nproc: int = 1,
+          verbose: bool = True) -> pd.DataFrame:
     """Run every config; one row per config (as ``load_runs``, plus ``recipe`` and ``label``).
 
     Finished runs are reused (same config + code version), so re-executing a notebook, or
     resuming an interrupted profile, only trains what is missing. A line per run reports
-    progress (papermill streams it to the terminal).
+    progress (papermill streams it to the terminal). ``nproc``: processes per run
+    (:func:`processes`; the profile's ``nproc``).
     """
     configs = list(configs)
     ids: List[str] = []
@@ -70,7 +101,7 @@ def sweep(configs: Iterable[RunConfig], runs_root: PathLike, *, verbose: bool = 
     for i, cfg in enumerate(configs, 1):
         t = time.perf_counter()
         with benign_warnings_silenced():
-            res = run(cfg, runs_root)
+            res = run_in(cfg, runs_root, nproc)
         ids.append(res.run_id)
         if verbose:
             what = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("backbone", "target_epsilon", "seed")

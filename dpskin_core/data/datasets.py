@@ -20,8 +20,8 @@ from ..constants import CLASSES
 from ..errors import DataError
 from ..registry import Registry
 from .imagecache import cache_root, decode_cached
-from .layout import read_isic2018, sha_groups
-from .splits import check_train_classes, split_by_lesion
+from .layout import read_isic2018, read_sites, sha_groups
+from .splits import check_train_classes, split_by_lesion, split_by_site
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class DataSpec:
     dataset: str = "synthetic"          # registry name: "synthetic", "isic2018", "dermamnist"
     data_root: Optional[str] = None     # folder in the official layout (None: default location)
     image_size: int = 32                # side of the square images after centre crop + resize, px
-    split: str = "lesion"               # "lesion" (seeded, grouped by lesion_id) or "official"
+    split: str = "lesion"               # "lesion" (seeded, grouped by lesion_id), "official", or
+    #                                     "site:<site>" (that HAM10000 site is the test split)
     val_frac: float = 0.15
     test_frac: float = 0.15
     split_seed: int = 0
@@ -98,8 +99,13 @@ def load_official_layout(root: Path, spec: DataSpec, dataset: str) -> DataBundle
         df = train
         split = split_by_lesion(df["label"].to_numpy(), sha_groups(root, df), spec.val_frac,
                                 spec.test_frac, spec.split_seed)
+    elif spec.split.startswith("site:"):
+        df = train
+        split = split_by_site(df["label"].to_numpy(), sha_groups(root, df),
+                              read_sites(root, df["image"]), spec.split[len("site:"):],
+                              spec.val_frac, spec.split_seed)
     else:
-        raise DataError(f"split={spec.split!r}; expected 'lesion' or 'official'")
+        raise DataError(f"split={spec.split!r}; expected 'lesion', 'official' or 'site:<site>'")
     check_train_classes(df["label"].to_numpy(), split, f"{dataset}, {root}")
     if not (isinstance(spec.image_size, int) and spec.image_size > 0):
         raise DataError(f"image_size={spec.image_size!r}: expected a positive int (px)")

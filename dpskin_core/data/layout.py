@@ -146,3 +146,21 @@ def sha_groups(root: Path, df: pd.DataFrame) -> np.ndarray:
                 parent[max(a, b)] = min(a, b)  # deterministic representative
     return np.array([find(g) for g in groups])
 
+
+#: the file of the acquisition site of each HAM10000 image (``image,site``)
+SITES_CSV = "HAM10000_sites.csv"
+
+
+def read_sites(root: os.PathLike, images: pd.Series) -> np.ndarray:
+    """The acquisition site of each of ``images``, from ``<root>/HAM10000_sites.csv``;
+    DataError naming the file when it is missing, malformed or lacks an image."""
+    path = Path(root) / SITES_CSV
+    if not path.is_file():
+        raise DataError(f"{path}: not found; a site split needs the site of every image "
+                        "(columns image,site)")
+    sites = _read_csv(path, ("image", "site")).drop_duplicates("image").set_index("image")["site"]
+    site = images.map(sites)
+    missing = images[site.isna()]
+    if len(missing):
+        raise DataError(f"{path}: no site for {len(missing)} image(s), e.g. {missing.iloc[0]}")
+    return site.astype(str).to_numpy()

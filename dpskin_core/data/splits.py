@@ -59,3 +59,22 @@ def check_train_classes(labels: np.ndarray, split: np.ndarray, where: str) -> No
         if c not in present:
             raise DataError(f"class {name} has no training image after the split ({where})")
 
+
+def split_by_site(labels: np.ndarray, lesion_ids: np.ndarray, sites: np.ndarray, held_out: str,
+                  val_frac: float, seed: int) -> np.ndarray:
+    """Leave one site out: every image of site ``held_out`` is "test"; the other sites' images
+    are split into train and val by :func:`split_by_lesion` (``val_frac`` of their images).
+
+    A lesion photographed at the held-out site and elsewhere goes to test with all its images
+    (no lesion in two splits).
+    """
+    sites = np.asarray(sites).astype(str)
+    known = sorted(set(sites.tolist()))
+    if held_out not in known:
+        raise DataError(f"split='site:{held_out}': unknown site; known: {', '.join(known)}")
+    lesion_ids = np.asarray(lesion_ids).astype(str)
+    test = np.isin(lesion_ids, np.unique(lesion_ids[sites == held_out]))
+    out = np.full(len(sites), "test", dtype=object)
+    rest = np.flatnonzero(~test)
+    out[rest] = split_by_lesion(np.asarray(labels)[rest], lesion_ids[rest], val_frac, 0.0, seed)
+    return out.astype(str)

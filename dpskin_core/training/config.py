@@ -64,7 +64,8 @@ class RunConfig:
     dataset: str = "synthetic"              # registry name: synthetic | isic2018 | dermamnist
     data_root: Optional[str] = None         # folder in the official layout (None: dataset default)
     image_size: int = 32                    # px, side after centre crop + resize
-    split: str = "lesion"                   # lesion (seeded, grouped by lesion_id) | official
+    split: str = "lesion"                   # lesion (seeded, grouped by lesion_id) | official |
+    #                                         site:<site> (leave that HAM10000 site out as test)
     val_frac: float = 0.15
     test_frac: float = 0.15
     split_seed: int = 0                     # the split is shared across training seeds
@@ -82,6 +83,7 @@ class RunConfig:
     momentum: float = 0.9                   # SGD only
     weight_decay: float = 0.0
     lr_schedule: str = "constant"           # constant | cosine (annealed per step to 0)
+    warmup_epochs: float = 0.0              # linear learning-rate warm-up first (epochs)
     epochs: int = 10
     batch_size: int = 128                   # expected (logical) batch size; Poisson under DP
     max_physical_batch_size: Optional[int] = None  # split logical batches to bound memory
@@ -157,6 +159,8 @@ class RunConfig:
             off.update(LOGIT_ADJUST_FIELDS)
         if self.optimizer != "sgd":
             off.add("momentum")
+        if self.split.startswith("site:"):  # the held-out site is the test split
+            off.add("test_frac")
         return frozenset(off)
 
     def semantic_dict(self) -> Dict[str, Any]:
@@ -232,7 +236,7 @@ def validate(cfg: RunConfig) -> None:
         _number(cfg, f, integer=True, positive=True, optional=True)
     for f in ("lr", "max_grad_norm", "hist_noise"):
         _number(cfg, f, positive=True)
-    for f in ("momentum", "weight_decay", "augment_color", "la_tau"):
+    for f in ("momentum", "weight_decay", "augment_color", "la_tau", "warmup_epochs"):
         _number(cfg, f, nonnegative=True)
     for f in ("val_frac", "test_frac"):
         _number(cfg, f, positive=True)
@@ -255,7 +259,8 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg, "lr_schedule", LR_SCHEDULES)
     _choice(cfg, "class_weights", CLASS_WEIGHTS)
     _choice(cfg, "eval_split", EVAL_SPLITS)
-    _choice(cfg, "split", SPLITS)
+    if not (isinstance(cfg.split, str) and cfg.split.startswith("site:") and len(cfg.split) > 5):
+        _choice(cfg, "split", SPLITS)  # or site:<name>: the site is checked against the data
     if not (0 < cfg.val_frac < 1 and 0 < cfg.test_frac < 1 and cfg.val_frac + cfg.test_frac < 1):
         raise ConfigError(f"val_frac={cfg.val_frac}, test_frac={cfg.test_frac}: need 0 < each, sum < 1")
     try:

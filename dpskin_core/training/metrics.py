@@ -188,8 +188,9 @@ def log_loss(y_true: np.ndarray, probs: np.ndarray, floor: float = 1e-12) -> flo
 def evaluate(y_true: np.ndarray, probs: np.ndarray,
              classes: Sequence[str] = CLASSES) -> Dict[str, float]:
     """All scalar metrics of a split: ``balanced_accuracy``, ``accuracy``, ``auc_macro``,
-    ``ece``, ``nll`` (mean cross-entropy, nats) and ``recall_<CLASS>``, ``precision_<CLASS>``
-    for every class (NaN if undefined).
+    ``ece``, ``nll`` (mean cross-entropy, nats), ``predicted_classes`` (how many classes the
+    model predicts at all: 1 is a collapse to a constant predictor) and ``recall_<CLASS>``,
+    ``precision_<CLASS>`` for every class (NaN if undefined).
     """
     classes = tuple(classes)
     t, p = _scored(y_true, probs, len(classes))
@@ -200,6 +201,7 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray,
         "auc_macro": macro_auc_ovr(t, p),
         "ece": expected_calibration_error(t, p),
         "nll": log_loss(t, p),
+        "predicted_classes": float(len(np.unique(y_pred))),
     }
     rec = per_class_recall(t, y_pred, len(classes))
     prec = per_class_precision(t, y_pred, len(classes))

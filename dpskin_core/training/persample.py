@@ -84,6 +84,15 @@ class GradSampleMode:
                         f"{', '.join(missing)} layer(s) of backbone {backbone!r}; use 'hooks'")
         return None
 
+    def attach(self, model: nn.Module, max_grad_norm: float) -> Optional["FastGradSample"]:
+        """This module's engine on ``model`` (``fast``, ``bk``), before Opacus wraps it with
+        ``no_op``; None for Opacus' own engines."""
+        if self.name == "fast":
+            return FastGradSample(model)
+        if self.name == "bk":
+            return BookKeeping(model, max_grad_norm)
+        return None
+
 
 GRAD_SAMPLE_MODES: Registry = Registry("grad_sample_mode")
 for _m in (GradSampleMode("fast", "no_op", True, "per-sample gradients, no summed weight gradient"),
@@ -270,7 +279,8 @@ class BookKeeping(FastGradSample):
         self.max_grad_norm = float(max_grad_norm)
         self._kept: List[Tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self._pending = 0
-        self.last_norms: Optional[torch.Tensor] = None  # per-sample norms of the last batch
+        #: per-sample gradient norms (n,) of the last batch, of the per-sample losses
+        self.last_norms: Optional[torch.Tensor] = None
 
     def _freeze(self, module: nn.Module, args: Tuple) -> None:
         super()._freeze(module, args)

@@ -43,8 +43,10 @@ class Params:
     seeds: Tuple[int, ...]
     epsilons: Tuple[float, ...]
     lesion_epsilons: Tuple[float, ...]  # budgets of the lesion-level (user-level) DP comparison
-    epochs: int                       # end-to-end recipes
-    batch_size: int                   # expected batch size (Poisson under DP)
+    epochs: int                       # end-to-end non-private recipes
+    batch_size: int                   # their batch size
+    dp_epochs: int                    # end-to-end DP recipes (DP-SGD / DP-Adam)
+    dp_batch_size: int                # their expected (Poisson) batch size
     lr_sgd: float
     lr_adam: float
     lr_dp_sgd: float
@@ -52,6 +54,7 @@ class Params:
     max_grad_norm: float              # per-sample clipping bound C
     delta: float
     num_threads: Optional[int]
+    nproc: int                        # training processes per run (torchrun); 0: one per GPU
     class_weights: str                # non-private recipes only (reads private class counts)
     proposed_lr: float
     proposed_batch_size: int
@@ -153,8 +156,8 @@ def common(p: Params) -> Dict[str, Any]:
 
 
 def _end_to_end(p: Params, **over: Any) -> RunConfig:
-    return RunConfig(backbone=p.backbones[0], epochs=p.epochs, batch_size=p.batch_size,
-                     **{**common(p), **over})
+    return RunConfig(**{"backbone": p.backbones[0], "epochs": p.epochs, "batch_size": p.batch_size,
+                        **common(p), **over})
 
 
 # --------------------------------------------------------------------------- end to end
@@ -173,13 +176,15 @@ def nonprivate_adam(p: Params) -> RunConfig:
 @_recipe("dp-sgd", "DP-SGD", DP)
 def dp_sgd(p: Params) -> RunConfig:
     """The backbone trained by DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise)."""
-    return _end_to_end(p, dp=True, target_epsilon=p.epsilons[0], optimizer="sgd", lr=p.lr_dp_sgd)
+    return _end_to_end(p, dp=True, target_epsilon=p.epsilons[0], optimizer="sgd", lr=p.lr_dp_sgd,
+                       epochs=p.dp_epochs, batch_size=p.dp_batch_size)
 
 
 @_recipe("dp-adam", "DP-Adam", DP)
 def dp_adam(p: Params) -> RunConfig:
     """The backbone trained by DP-Adam (Adam's update on DP-SGD's noisy gradient)."""
-    return _end_to_end(p, dp=True, target_epsilon=p.epsilons[0], optimizer="adam", lr=p.lr_dp_adam)
+    return _end_to_end(p, dp=True, target_epsilon=p.epsilons[0], optimizer="adam", lr=p.lr_dp_adam,
+                       epochs=p.dp_epochs, batch_size=p.dp_batch_size)
 
 
 @_recipe("dp-sgd-lesion", "DP-SGD, lesion-level", DP)
@@ -229,7 +234,7 @@ def ablation_no_ema(p: Params) -> RunConfig:
 def ablation_no_front_end(p: Params) -> RunConfig:
     """The end-to-end backbone on pixels at the DP-SGD schedule, keeping logit adjustment and EMA."""
     return proposed(p).replace(features="pixels", backbone=p.backbones[0], lr=p.lr_dp_sgd,
-                               batch_size=p.batch_size, epochs=p.epochs, augment_flips=True,
+                               batch_size=p.dp_batch_size, epochs=p.dp_epochs, augment_flips=True,
                                augment_rot90=True)
 
 
@@ -265,14 +270,16 @@ def attack_nonprivate_no_augmentation(p: Params) -> RunConfig:
 
 @_recipe("attack/dp-sgd", "DP-SGD", PROPOSED)
 def attack_dp_sgd(p: Params) -> RunConfig:
-    """DP-SGD for ``attack_epochs``, noise calibrated by ``attack_accountant``."""
-    return _attack(dp_sgd(p).replace(epochs=p.attack_epochs or p.epochs), p)
+    """DP-SGD for ``attack_epochs`` at the non-private batch size (the attacked models train on
+    half the attack pool), noise calibrated by ``attack_accountant``."""
+    return _attack(dp_sgd(p).replace(epochs=p.attack_epochs or p.epochs, batch_size=p.batch_size), p)
 
 
 @_recipe("attack/dp-adam", "DP-Adam", PROPOSED)
 def attack_dp_adam(p: Params) -> RunConfig:
-    """DP-Adam for ``attack_epochs``, noise calibrated by ``attack_accountant``."""
-    return _attack(dp_adam(p).replace(epochs=p.attack_epochs or p.epochs), p)
+    """DP-Adam for ``attack_epochs`` at the non-private batch size, noise calibrated by
+    ``attack_accountant``."""
+    return _attack(dp_adam(p).replace(epochs=p.attack_epochs or p.epochs, batch_size=p.batch_size), p)
 
 
 @_recipe("attack/proposed", "proposed", PROPOSED)

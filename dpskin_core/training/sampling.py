@@ -22,25 +22,33 @@ class PoissonSampler(Sampler[List[int]]):
 
     ``groups`` lists the image indices of each unit (None: each image is its own unit; then
     the draws are those of Opacus' UniformWithReplacementSampler for the same generator).
+    ``shard = (rank, world)``: this process draws only units rank, rank + world, ... (each with
+    probability q, from its own generator); the union of the ranks' batches is one Poisson
+    batch of all units (:mod:`.distributed`).
     """
 
     def __init__(self, n_images: int, sample_rate: float, steps: int,
                  generator: Optional[torch.Generator] = None,
-                 groups: Optional[Sequence[np.ndarray]] = None) -> None:
+                 groups: Optional[Sequence[np.ndarray]] = None,
+                 shard: Tuple[int, int] = (0, 1)) -> None:
         if not 0 < sample_rate <= 1 or steps < 1:
             raise ConfigError(f"need 0 < sample_rate <= 1 and steps >= 1, got {sample_rate}, {steps}")
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ConfigError(f"need 0 <= rank < world size, got shard {shard}")
         self.n_images, self.sample_rate, self.steps = n_images, sample_rate, steps
         self.generator = generator
         self.groups = [np.asarray(g, dtype=np.int64) for g in groups] if groups is not None else None
         self.n_units = len(self.groups) if self.groups is not None else n_images
+        self.owned = torch.arange(rank, self.n_units, world)  # the units this rank samples
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[List[int]]:
         for _ in range(self.steps):
-            chosen = (torch.rand(self.n_units, generator=self.generator) < self.sample_rate)
-            units = chosen.nonzero(as_tuple=False).reshape(-1).tolist()
+            chosen = (torch.rand(len(self.owned), generator=self.generator) < self.sample_rate)
+            units = self.owned[chosen].tolist()
             if self.groups is None:
                 yield units
             else:
@@ -55,10 +63,11 @@ def _collate(batch: List[tuple]) -> tuple:
 
 
 def poisson_loader(n_images: int, sample_rate: float, steps: int, generator: torch.Generator,
-                   groups: Optional[Sequence[np.ndarray]] = None) -> DataLoader:
+                   groups: Optional[Sequence[np.ndarray]] = None,
+                   shard: Tuple[int, int] = (0, 1)) -> DataLoader:
     """A DataLoader of ``(image index tensor,)`` batches drawn by :class:`PoissonSampler`;
     ``len(loader) == steps``, so Opacus reads back q = 1 / steps."""
-    sampler = PoissonSampler(n_images, sample_rate, steps, generator, groups)
+    sampler = PoissonSampler(n_images, sample_rate, steps, generator, groups, shard)
     # the loader's own generator is the sampler's, as Opacus' DPDataLoader has it (each epoch's
     # iterator draws one number from it first), so seeded runs repeat earlier versions' batches
     return DataLoader(TensorDataset(torch.arange(n_images)), batch_sampler=sampler,

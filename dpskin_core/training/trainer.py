@@ -19,9 +19,13 @@ dropout) is re-seeded at the start of each epoch from ``(seed, epoch)``, and a
 :class:`.checkpoint.Checkpoint` is written atomically after each epoch. A run interrupted
 after epoch k therefore resumes at epoch k+1 and ends with the same weights and the same eps
 as an uninterrupted run.
+
+Under ``torchrun`` (``dpskin train --nproc N``) every process runs these steps on its share of
+each batch (:mod:`.distributed`); rank 0 alone validates, checkpoints and writes the record.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
@@ -47,10 +51,11 @@ from . import privacy, records
 from .backbones import build_backbone
 from .checkpoint import Checkpoint, StateDict, dp_seed, released_weights, save_best
 from .config import RunConfig, grad_sample_settings
+from .distributed import World, current, unwrap, wrap_plain, wrap_private
 from .frontends import Inputs
 from .metrics import evaluate
 from .optim import build_optimizer
-from .persample import BookKeeping, FastGradSample, resolve_mode
+from .persample import resolve_mode
 
 
 @dataclass
@@ -68,12 +73,14 @@ class RunResult:
     reused: bool = False
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """CUDA when present (for "auto"), else CPU."""
+def pick_device(name: str = "auto", world: World = World()) -> torch.device:
+    """CUDA when present (for "auto"), else CPU; under torchrun each rank's own CUDA device."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but no CUDA device is available")
+    if name == "cuda" and world.distributed:
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
 
 
@@ -116,7 +123,7 @@ def predict_proba(model: nn.Module, x: torch.Tensor, inputs: Inputs, batch: int 
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    return getattr(model, "_module", model)  # Opacus' GradSampleModule wraps the model
+    return unwrap(model)  # Opacus' GradSampleModule, DPDDP / DDP wrap the model
 
 
 def _state_dict(model: nn.Module) -> StateDict:
@@ -190,7 +197,7 @@ def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
 def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  criterion: nn.Module, n_images: int, total_steps: int, prefix: tuple,
                  g_sample: torch.Generator, g_noise: torch.Generator,
-                 groups: Optional[List[np.ndarray]] = None):
+                 groups: Optional[List[np.ndarray]] = None, world: World = World()):
     """Opacus' ``make_private`` on our Poisson loader, with sigma derived from the target and
     the per-sample gradient engine resolved for the backbone (:mod:`.persample`):
     (engine, model, optimizer, criterion, loader, sigma, q, mode name). The criterion is
@@ -202,6 +209,11 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
     Opacus sets to 1/len(loader)) and the sampler use the same q. The optimizer averages the
     noisy sum over the expected number of units per batch, U q. Releases made before training
     (``prefix``) are put first in the accountant's history, so the reported eps composes them.
+
+    Distributed (``world``): the model is wrapped in Opacus' DPDDP, each rank samples its own
+    units (:class:`.sampling.PoissonSampler`'s ``shard``), Opacus' distributed optimizers add
+    the noise on rank 0 only and all-reduce, and each rank divides by U q / world so that the
+    reduced update is (sum of clipped gradients + noise) / (U q), as in one process.
     """
     from opacus import PrivacyEngine
 
@@ -217,10 +229,10 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
         engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=cfg.dp_noise == "secure")
         secure = cfg.dp_noise == "secure"
         loader = poisson_loader(n_images, q, steps, engine.secure_rng if secure else g_sample,
-                                groups)
+                                groups, shard=(world.rank, world.size))
+        model = wrap_private(model, world)
         mode = resolve_mode(cfg.grad_sample_mode, model, **grad_sample_settings(cfg))
-        fast = {"fast": lambda: FastGradSample(model),
-                "bk": lambda: BookKeeping(model, cfg.max_grad_norm)}.get(mode.name, lambda: None)()
+        own = mode.attach(model, cfg.max_grad_norm)  # this package's engine, or None
         out = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
             max_grad_norm=cfg.max_grad_norm, poisson_sampling=False,
@@ -228,26 +240,46 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
             grad_sample_mode=mode.opacus_mode)
         model, optimizer, loader = out[0], out[1], out[-1]
         criterion = out[2] if len(out) == 4 else criterion  # ghost: the two-pass loss wrapper
-        if fast is not None:
-            fast.bind(model)  # the wrapper calls the model's forward past its own hooks
+        if own is not None:
+            own.bind(model)  # the wrapper calls the model's forward past its own hooks
+        model.per_sample_engine = own  # e.g. the book-keeping engine's last per-sample norms
         if mode.name == "bk":  # p.grad is the clipped sum: the optimizer of Opacus' ghost mode
-            from opacus.optimizers import DPOptimizerFastGradientClipping
+            from opacus.optimizers import (DistributedDPOptimizerFastGradientClipping,
+                                           DPOptimizerFastGradientClipping)
 
             dp_opt = optimizer
-            optimizer = DPOptimizerFastGradientClipping(
+            optimizer = (DistributedDPOptimizerFastGradientClipping if world.distributed
+                         else DPOptimizerFastGradientClipping)(
                 dp_opt.original_optimizer, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
                 expected_batch_size=dp_opt.expected_batch_size, loss_reduction="mean",
                 generator=dp_opt.generator, secure_mode=secure)
             optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=1 / len(loader)))
-    optimizer.expected_batch_size = n_units * q  # units per batch on average (Opacus: int())
+    # units per batch on average (Opacus: int()), per rank: the all-reduce sums the ranks
+    optimizer.expected_batch_size = n_units * q / world.size
     engine.accountant.history = list(prefix)   # e.g. the histogram release, before any step
     if abs(1 / len(loader) - q) > 1e-12:
         raise AssertionError(f"accountant (q = 1/{len(loader)}) and sampler (q = {q}) disagree")
     return engine, model, optimizer, criterion, loader, sigma, q, mode.name
 
 
+def lr_factor(schedule: str, total_steps: int, warmup_steps: int = 0):
+    """The learning-rate multiplier of step s (0-based): a linear warm-up over the first
+    ``warmup_steps`` steps ((s + 1) / warmup), then constant or a cosine from 1 to 0 over the
+    remaining steps."""
+    warm = min(warmup_steps, total_steps)
+    rest = max(1, total_steps - warm)
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(s - warm, rest) / rest))
+    return factor
+
+
 def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
-                   dp_seed: Optional[int] = None) -> TrainingSetup:
+                   dp_seed: Optional[int] = None, world: World = World()) -> TrainingSetup:
     """Build the model, loss and optimizer; under DP, derive sigma and make them private.
 
     ``dp_seed`` is the root of the DP randomness (:func:`.checkpoint.dp_seed`); the model's
@@ -272,19 +304,23 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
     g_sample, g_noise, g_aug = torch.Generator(), torch.Generator(device=device), torch.Generator()
     n_units = len(groups) if groups is not None else n_train
     steps_per_epoch = privacy.steps_per_epoch(cfg.batch_size, n_units)
+    if not cfg.dp and world.distributed:
+        steps_per_epoch = n_train // cfg.batch_size  # full batches only (below)
     total_steps = steps_per_epoch * cfg.epochs
     engine, sigma, q, mode = None, None, None, None
     if cfg.dp:
         engine, model, optimizer, criterion, loader, sigma, q, mode = make_private(
             cfg, model, optimizer, criterion, n_train, total_steps, prefix, g_sample, g_noise,
-            groups)
-    else:
+            groups, world)
+    else:  # every rank draws the same shuffled batch and trains on its slice of it
+        model = wrap_plain(model, world)
+        # distributed: only full batches, so that every rank's slice is non-empty (DDP's
+        # all-reduce needs a backward pass on every rank)
         loader = DataLoader(TensorDataset(torch.arange(n_train)), batch_size=cfg.batch_size,
-                            shuffle=True, generator=g_sample)
-    schedule = (lambda s: 1.0) if cfg.lr_schedule == "constant" else (
-        lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+                            shuffle=True, generator=g_sample, drop_last=world.distributed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        getattr(optimizer, "original_optimizer", optimizer), schedule)
+        getattr(optimizer, "original_optimizer", optimizer),
+        lr_factor(cfg.lr_schedule, total_steps, round(cfg.warmup_epochs * steps_per_epoch)))
     ema = None
     if cfg.ema_decay is not None:
         from .technique import EMA
@@ -306,6 +342,7 @@ class Session:
     device: torch.device
     setup: TrainingSetup
     inputs: Inputs
+    world: World = World()
     meta: Dict[str, Any] = field(default_factory=dict)
     rows: List[Dict[str, Any]] = field(default_factory=list)
     best: Dict[str, Any] = field(default_factory=lambda: {"score": -1.0, "epoch": 0, "since": 0})
@@ -338,18 +375,26 @@ class Session:
         return pd.DataFrame(self.rows, columns=records.METRIC_COLUMNS)
 
     def write_meta(self) -> None:
-        write_json(self.meta_path, self.meta)
+        if self.world.main:  # one writer of the record
+            write_json(self.meta_path, self.meta)
 
 
-def start(cfg: RunConfig, data: DataBundle, run_dir: Path) -> Session:
+def start(cfg: RunConfig, data: DataBundle, run_dir: Path, world: World = World()) -> Session:
     """Step 1: model, loss, optimizer (private under DP, with the run's DP seed: drawn and
-    kept in the private checkpoints folder before anything is drawn from it)."""
+    kept in the private checkpoints folder before anything is drawn from it; under torchrun
+    rank 0 draws or reads it and hands it to the other ranks)."""
+    if world.distributed and not cfg.dp and cfg.batch_size < world.size:
+        raise ConfigError(f"batch_size={cfg.batch_size} leaves some of the {world.size} processes "
+                          "without images in a batch; use batch_size >= the number of processes")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = pick_device(cfg.device)
-    seed = dp_seed(run_dir / "checkpoints", cfg.dp_noise, cfg.seed) if cfg.dp else None
-    setup = setup_training(cfg, data, device, seed)
-    return Session(cfg, run_dir, data, device, setup, Inputs(cfg, data, device))
+    device = pick_device(cfg.device, world)
+    seed = None
+    if cfg.dp:
+        seed = dp_seed(run_dir / "checkpoints", cfg.dp_noise, cfg.seed) if world.main else 0
+        seed = world.broadcast_int(seed)
+    setup = setup_training(cfg, data, device, seed, world)
+    return Session(cfg, run_dir, data, device, setup, Inputs(cfg, data, device), world)
 
 
 def resume(s: Session) -> None:
@@ -381,26 +426,32 @@ def resume(s: Session) -> None:
         "noise_multiplier": setup.noise_multiplier, "sample_rate": setup.sample_rate,
         "delta": cfg.delta if cfg.dp else None, "accountant": cfg.accountant if cfg.dp else None,
         "max_grad_norm": cfg.max_grad_norm if cfg.dp else None, "notes": _notes(cfg),
-        "grad_sample_mode": setup.grad_sample_mode,
+        "grad_sample_mode": setup.grad_sample_mode, "world_size": s.world.size,
         "privacy": privacy_statement(cfg, setup.n_units) if cfg.dp else None,
         "released_before_training": setup.released,
         "prefix_history": privacy.history_summary(setup.prefix_history),
     })
-    write_json(s.run_dir / "config.json", cfg.to_dict())
+    if s.world.main:
+        write_json(s.run_dir / "config.json", cfg.to_dict())
     s.write_meta()
 
 
 def reseed(s: Session, epoch: int) -> None:
     """Re-seed every stream from (seed, epoch): a resumed run draws the same numbers. Batch
     sampling and noise of a DP run come from its DP seed (secret unless ``dp_noise="seeded"``);
-    augmentation, dropout and the shuffling of a non-private run from the public seed."""
-    seed, st = s.cfg.seed, s.setup
+    augmentation, dropout and the shuffling of a non-private run from the public seed.
+
+    Under torchrun each rank has its own streams (rank 0 of 1 draws the single-process ones),
+    except the shuffling of a non-private run, which all ranks share (each takes a slice):
+    Poisson sampling needs independent draws for every unit."""
+    seed, st, w = s.cfg.seed, s.setup, s.world
     root = st.dp_seed if st.dp_seed is not None else seed
-    st.g_sample.manual_seed(_seed(root, epoch, "sample"))
-    st.g_noise.manual_seed(_seed(root, epoch, "noise"))
-    st.g_aug.manual_seed(_seed(seed, epoch, "augment"))
-    torch.manual_seed(_seed(seed, epoch, "torch"))
-    random.seed(_seed(seed, epoch, "python"))
+    rank = (w.rank,) if w.distributed else ()
+    st.g_sample.manual_seed(_seed(root, epoch, "sample", *(rank if st.engine is not None else ())))
+    st.g_noise.manual_seed(_seed(root, epoch, "noise", *rank))
+    st.g_aug.manual_seed(_seed(seed, epoch, "augment", *rank))
+    torch.manual_seed(_seed(seed, epoch, "torch", *rank))
+    random.seed(_seed(seed, epoch, "python", *rank))
 
 
 def _batches(loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: RunConfig):
@@ -430,7 +481,9 @@ def train_one_epoch(s: Session, epoch: int) -> Dict[str, float]:
     bar = tqdm(_batches(st.loader, optimizer, cfg), total=st.steps_per_epoch,
                desc=f"{cfg.name} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
     for (idx,) in bar:
-        xb = inputs.train(inputs.train_x[idx], st.g_aug)  # (B*K, ...) augmented views
+        if not private and s.world.distributed:
+            idx = idx[s.world.rank::s.world.size]  # this rank's slice of the shared batch
+        xb = inputs.train_batch(idx, st.g_aug)  # (B*K, ...) augmented views
         yb = y_tr[idx].to(s.device, non_blocking=True).repeat_interleave(k)
         optimizer.zero_grad(set_to_none=True)
         if len(idx) > 0 or private:  # Opacus clips an empty batch to zero and adds the noise
@@ -460,6 +513,8 @@ def train_one_epoch(s: Session, epoch: int) -> Dict[str, float]:
     if private:  # the realised Poisson batch sizes are not released (the accountant assumes
         # they stay secret): count the expected images, N q per step
         seen = len(s.data.y_train) * st.sample_rate * st.steps_per_epoch
+    else:  # the whole batch's (rank 0 records; each rank saw its slice)
+        seen, loss_sum, correct = (s.world.sum(v) for v in (seen, loss_sum, correct))
     s.meta["train_images"] = s.meta.get("train_images", 0) + seen
     metrics = {"lr": st.scheduler.get_last_lr()[0]}
     if not private:
@@ -482,6 +537,11 @@ def validate(s: Session, epoch: int) -> float:
     val_metrics = evaluate(s.data.y_val, predict_proba(st.eval_model, s.inputs.val_x, s.inputs))
     s.log(epoch, "val", val_metrics, eps)
     score = val_metrics["balanced_accuracy"]
+    if val_metrics["predicted_classes"] <= 1:  # a constant predictor: say so in the record
+        s.meta.setdefault("collapsed_at_epochs", []).append(epoch)
+        if s.cfg.progress:
+            tqdm.write(f"[{s.cfg.name}] epoch {epoch}: the model predicts one class for every "
+                       "validation image (collapsed; a learning-rate warm-up may help)")
     if score > s.best["score"]:
         s.best = {"score": score, "epoch": epoch, "since": 0}
         save_best(s.ckpt_dir, _evaluated_state(s), epoch)
@@ -545,6 +605,7 @@ def finish(s: Session) -> RunResult:
     train_time = s.meta.get("train_time_s", 0.0)
     s.meta.update({
         "status": "complete", "epsilon": eps, "steps": steps_taken,
+        "collapsed": bool(final["predicted_classes"] <= 1),  # the released model predicts one class
         "final_metrics": final, "eval_epoch": eval_epoch, "eval_split": cfg.eval_split,
         "wall_time_s": s.meta.get("wall_time_s", 0.0) + time.perf_counter() - s.t_start,
         "train_images_per_s": s.meta.get("train_images", 0) / train_time if train_time else None,
@@ -577,10 +638,13 @@ def run(
     # everything that can fail on bad input happens before the run folder is created
     data = data if data is not None else load_data(data_spec(cfg))
     check_against_data(cfg, data)
-    with records.run_lock(run_dir):
-        if _complete(run_dir):  # finished by another process while this one loaded the data
+    world = current(cfg.device)
+    # rank 0 holds the lock; the other ranks follow its decisions (broadcast)
+    with records.run_lock(run_dir) if world.main else contextlib.nullcontext():
+        # finished by another process while this one loaded the data?
+        if world.broadcast_int(_complete(run_dir) if world.main else 0):
             return _load_result(run_dir, cfg)
-        s = start(cfg, data, run_dir)
+        s = start(cfg, data, run_dir, world)
         resume(s)
         try:
             for epoch in range(s.start_epoch, cfg.epochs + 1):
@@ -590,12 +654,17 @@ def run(
                     return RunResult(s.run_dir.name, run_dir, cfg, {}, s.eps_now(),
                                      s.setup.noise_multiplier, s.metrics_frame(), s.meta)
                 train_one_epoch(s, epoch)
-                validate(s, epoch)
-                stop = early_stop(s, epoch)
-                checkpoint(s, epoch, early_stopped=stop)
-                if stop:
+                stop = False
+                if world.main:
+                    validate(s, epoch)
+                    stop = early_stop(s, epoch)
+                    checkpoint(s, epoch, early_stopped=stop)
+                s.epoch = epoch
+                if world.broadcast_int(stop):
                     break
-            return finish(s)
+            result = finish(s) if world.main else None
+            world.barrier()  # the record is complete before any rank returns
+            return result if result is not None else _load_result(run_dir, cfg)
         except BaseException:
             s.meta["status"] = "interrupted"
             s.write_meta()
