@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("book", help="execute the experiment notebooks and build the book")
     b.add_argument("--profile", default=None,
-                   help="profile of experiments.yml: smoke (default), cpu or gpu")
+                   help="profile of experiments.yml: smoke (default), cpu, cpu64 or gpu")
     b.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="execute only this experiment (repeatable), e.g. --only 01_baseline")
     b.add_argument("--no-build", action="store_true", help="execute notebooks, skip jupyter-book")

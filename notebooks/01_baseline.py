@@ -23,11 +23,14 @@ optimizers = ["sgd", "adam"]
 # # Non-private baseline
 #
 # The reference every private model is measured against: each backbone of the profile trained
-# without privacy, with SGD (momentum 0.9) and with Adam, on the same data, augmentation and
-# number of epochs as the private runs of the next chapters. The loss is weighted by inverse
-# class frequency (`class_weights` parameter): a non-private model may read the class counts of
-# its training data, and without the weights it would mostly answer NV. Private runs cannot
-# use these weights (the counts are private data; see the Methods chapter).
+# without privacy, with SGD (momentum 0.9) and with Adam, on the same data and augmentation as
+# the private runs of the next chapters, **to convergence**: a linear learning-rate warm-up,
+# a cosine schedule over at most {glue:text}`max_epochs` epochs, stopped once the validation
+# balanced accuracy has not improved for {glue:text}`patience` epochs (the best validation
+# epoch is the model). The loss is weighted by inverse class frequency (`class_weights`
+# parameter): a non-private model may read the class counts of its training data, and without
+# the weights it would mostly answer NV. Private runs cannot use these weights (the counts are
+# private data; see the Methods chapter).
 
 # %% tags=["remove-cell"]
 import matplotlib.pyplot as plt
@@ -48,6 +51,8 @@ sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)
 P = profile_params(profile, overrides)
 backbones = P.backbones
+glue("max_epochs", P.epochs, display=False)
+glue("patience", P.patience if P.patience is not None else "no", display=False)
 
 # %% [markdown]
 # ## Training
@@ -70,6 +75,9 @@ table = summary_table(runs, ["backbone", "method"])
 speed = runs.groupby(["backbone", "method"])[["train_images_per_s", "wall_time_s"]].mean()
 table = table.join(speed.round(0), on=["backbone", "method"]).rename(
     columns={"train_images_per_s": "train img/s", "wall_time_s": "wall time (s)"})
+epochs_run = runs.groupby(["backbone", "method"]).agg(
+    **{"best epoch": ("eval_epoch", "mean"), "collapsed runs": ("collapsed", "sum")})
+table = table.join(epochs_run, on=["backbone", "method"])
 table.set_index(["backbone", "method"])
 
 # %% tags=["remove-cell"]

@@ -159,7 +159,8 @@ def test_results_chapters_have_figures_and_tables(browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
     pages = [f"book/results/{name}.html" for name in
-             ("00_data", "01_baseline", "02_dp_sgd", "03_dp_adam", "04_proposed", "05_attacks",
+             ("00_data", "01_baseline", "02_dp_sgd", "03_dp_adam", "06_networks", "07_tuning",
+              "04_proposed", "05_attacks",
               "10_summary")]
     count = ("return [document.querySelectorAll('.cell_output img').length,"
              " document.querySelectorAll('.cell_output table').length];")

@@ -18,12 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- the real registry
-def test_registry_loads_with_the_three_profiles():
+def test_registry_loads_with_the_four_profiles():
     reg = load_registry(ROOT / "experiments.yml")
-    assert set(reg.profiles) == {"smoke", "cpu", "gpu"}
+    assert set(reg.profiles) == {"smoke", "cpu", "cpu64", "gpu"}
     assert reg.default_profile == "smoke"
     names = [e.name for e in reg.experiments]
-    for required in ("00_data", "01_baseline", "02_dp_sgd", "03_dp_adam", "10_summary"):
+    for required in ("00_data", "01_baseline", "02_dp_sgd", "03_dp_adam", "06_networks",
+                     "07_tuning", "10_summary"):
         assert required in names
     for e in reg.experiments:
         assert (ROOT / e.notebook).is_file(), e.notebook

@@ -23,20 +23,23 @@ from test_models import IMAGE_BACKBONES, one_thread  # noqa: F401 (fixture)
 from test_train import BASE, random_bundle
 
 
-def dp_step(backbone: str, mode: str, x: torch.Tensor, y: torch.Tensor):
-    """One DP-SGD step of a fresh ``backbone`` through the trainer's make_private with ``mode``:
-    (parameters after the step, per-sample gradient norms or None, accountant history)."""
+def dp_step(backbone: str, mode: str, x: torch.Tensor, y: torch.Tensor,
+            loss: nn.Module | None = None, clip: float = 1.0):
+    """One DP-SGD step of a fresh ``backbone`` through the trainer's make_private with ``mode``
+    (loss ``loss``, clipping bound ``clip``): (parameters after the step, per-sample gradient
+    norms or None, the engine used)."""
     torch.manual_seed(0)
     model = build_backbone(backbone, num_classes=7)
     cfg = RunConfig(backbone=backbone, dp=True, target_epsilon=8.0, delta=1e-5, lr=0.5,
-                    batch_size=len(x), grad_sample_mode=mode, dp_noise="seeded")
+                    batch_size=len(x), grad_sample_mode=mode, dp_noise="seeded",
+                    max_grad_norm=clip)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     g_noise = torch.Generator().manual_seed(7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus' full-backward-hook notice (inputs need no grad)
         _, model, optimizer, criterion, _, _, _, used = trainer.make_private(
-            cfg, model, optimizer, nn.CrossEntropyLoss(), 10 * len(x), 10, (), torch.Generator(),
-            g_noise)
+            cfg, model, optimizer, loss or nn.CrossEntropyLoss(), 10 * len(x), 10, (),
+            torch.Generator(), g_noise)
         model.train()
         optimizer.zero_grad(set_to_none=True)
         criterion(model(x), y).backward()
@@ -50,6 +53,27 @@ def dp_step(backbone: str, mode: str, x: torch.Tensor, y: torch.Tensor):
     optimizer.step()
     after = {k: v.detach().clone() for k, v in trainer._unwrapped(model).state_dict().items()}
     return after, norms, used
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_per_sample_class_weights_are_neutralised_by_clipping(mode, one_thread):  # noqa: F811
+    """Why the DP baselines do not weight their loss by class (beyond reading private counts):
+    a per-sample weight only rescales that example's gradient, and clipping rescales every
+    gradient above C to norm C, so once the examples are clipped (the usual regime of DP-SGD)
+    balanced weights change nothing: the DP update with weights 1 : 25 equals the unweighted
+    one; without clipping (C large) the weights do change it."""
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 3, 16, 16), torch.arange(16) % 7
+    w = torch.tensor([1.0, 25.0, 3.0, 8.0, 2.0, 12.0, 5.0])  # like inverse ISIC class shares
+    plain, n0, _ = dp_step("smallcnn_fast", mode, x, y, clip=1e-4)
+    weighted, n1, _ = dp_step("smallcnn_fast", mode, x, y, nn.CrossEntropyLoss(weight=w), clip=1e-4)
+    assert n0.min() > 1e-4 and n1.min() > 1e-4  # every example clipped
+    assert all(torch.allclose(plain[k], weighted[k], atol=1e-7) for k in plain)
+    c_big = 2 * float(max(n0.max(), n1.max()))  # clips nothing
+    big_plain, *_ = dp_step("smallcnn_fast", mode, x, y, clip=c_big)
+    big_weighted, *_ = dp_step("smallcnn_fast", mode, x, y, nn.CrossEntropyLoss(weight=w), clip=c_big)
+    gap = max(float((big_plain[k] - big_weighted[k]).abs().max()) for k in big_plain)
+    assert gap > 1e-3 * c_big  # float32 rounding of the shared noise is ~1e-7 of it
 
 
 @pytest.mark.slow

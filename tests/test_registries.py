@@ -75,7 +75,9 @@ def test_recipes_build_valid_configs_for_every_profile():
         for name in RECIPES:
             r = RECIPES.get(name)
             cfgs = r.configs(p, n_train=5000)
-            assert cfgs and all(c.recipe == name for c in cfgs)
+            # a leave-one-site-out recipe has no grid where the profile lists no sites
+            assert cfgs or ("site" in r.axes and not p.loso_sites), (profile, name)
+            assert all(c.recipe == name for c in cfgs)
             assert all(c.dp == r.private for c in cfgs), name
     # the plain recipes' labels are distinct (the tables group by them)
     plain = [RECIPES.get(n).label for n in RECIPES if "/" not in n]
@@ -95,3 +97,32 @@ def test_cli_choices_are_the_registries():
     name = next(a for a in download._actions if a.dest == "name")
     assert sorted(name.choices) == DOWNLOADS.names()
     assert {"isic2018", "synthetic", "dermamnist"} == set(DATASETS.names())
+
+
+def test_reference_dp_and_loso_recipes_use_the_profile_levers():
+    """The non-private references train to convergence, the DP baselines carry the profile's
+    DP levers, a site axis becomes a site split, and the attacked models keep plain schedules
+    (the attacks chapter measures fixed-epoch models)."""
+    reg = load_registry()
+    p = reg.params("cpu")
+    ref = RECIPES.get("nonprivate-adam").config(p, backbone="mobilenet_v3_small", seed=1)
+    assert (ref.early_stopping_patience, ref.warmup_epochs, ref.lr_schedule, ref.augment_color,
+            ref.class_weights, ref.epochs) == (p.patience, p.warmup_epochs, p.lr_schedule,
+                                               p.augment_color, "balanced", p.epochs)
+    dp = RECIPES.get("dp-sgd").config(p, backbone="smallcnn_fast", target_epsilon=3.0, seed=0)
+    assert (dp.logit_adjust, dp.la_tau, dp.ema_decay, dp.aug_mult, dp.epochs, dp.batch_size,
+            dp.early_stopping_patience, dp.class_weights, dp.augment_color) == (
+        p.dp_logit_adjust, p.dp_la_tau, p.dp_ema, p.dp_aug_mult, p.dp_epochs, p.dp_batch_size,
+        None, "none", 0.0)
+    loso = RECIPES.get("loso-adam").configs(p, backbones=["smallcnn_fast"], seeds=[0])
+    assert [c.split for c in loso] == [f"site:{s}" for s in p.loso_sites]
+    assert all(c.replace(split="lesion") == ref.replace(backbone="smallcnn_fast", seed=0,
+                                                         recipe="loso-adam", name="loso-adam")
+               for c in loso)
+    for name in ("attack/nonprivate", "attack/nonprivate-no-augmentation", "attack/dp-sgd"):
+        c = RECIPES.get(name).configs(p, n_train=5000)[0]
+        assert (c.early_stopping_patience, c.lr_schedule, c.warmup_epochs, c.augment_color) == (
+            None, "constant", 0.0, 0.0)
+        assert not c.logit_adjust and c.ema_decay is None
+    with pytest.raises(ConfigError, match="not swept over site"):
+        RECIPES.get("dp-sgd").config(p, site="rosendahl")

@@ -191,7 +191,7 @@ def test_interrupt_keeps_last_checkpoint(tmp_path, monkeypatch):
     data = random_bundle()
     cfg = RunConfig(**dict(BASE, epochs=3))
     calls = {"n": 0}
-    real = Inputs.train
+    real = Inputs.train_batch
     steps = privacy.steps_per_epoch(32, 240)
 
     def flaky(*a, **k):
@@ -200,13 +200,13 @@ def test_interrupt_keeps_last_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(Inputs, "train", flaky)
+    monkeypatch.setattr(Inputs, "train_batch", flaky)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path, data=data)
     d = records.run_dir_for(cfg, tmp_path)
     assert read_json(d / "meta.json")["status"] == "interrupted"
     assert Checkpoint.load(d / "checkpoints").epoch == 1
-    monkeypatch.setattr(Inputs, "train", real)
+    monkeypatch.setattr(Inputs, "train_batch", real)
     res = run(cfg, tmp_path, data=data)
     assert res.meta["status"] == "complete" and res.meta["resumed_at_epochs"] == [1]
 

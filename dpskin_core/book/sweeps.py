@@ -22,7 +22,7 @@ from ..errors import DpskinError
 from ..training import RunConfig, run
 from ..training.distributed import launch
 from ..training.recipes import RECIPES, Params, recipe_label
-from ..training.records import code_version, config_hash, load_runs, run_dir_for
+from ..training.records import code_version, config_hash, is_complete, load_runs, run_dir_for
 
 PathLike = Union[str, Path]
 
@@ -74,9 +74,7 @@ def run_in(cfg: RunConfig, runs_root: PathLike, nproc: int = 1):
     """``run(cfg)``, trained by ``nproc`` processes under torchrun when more than one
     (:mod:`dpskin_core.training.distributed`); the record is then read back by ``run``."""
     n = processes(nproc)
-    meta = run_dir_for(cfg, runs_root) / "meta.json"
-    done = meta.is_file() and json.loads(meta.read_text()).get("status") == "complete"
-    if n > 1 and not done:
+    if n > 1 and not is_complete(run_dir_for(cfg, runs_root)):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "config.json"
             path.write_text(json.dumps(cfg.to_dict()))

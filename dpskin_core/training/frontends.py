@@ -291,16 +291,11 @@ class Inputs:
             return xb.pin_memory().to(self.device, non_blocking=True)
         return xb
 
-    def train(self, xb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augmented training inputs for a batch of stored rows: (B*K, ...)."""
-        return self.front.train_views(xb.to(self.device, non_blocking=True), self.k, generator,
-                                      self.cfg, self.norm)
-
     def train_batch(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Augmented training inputs of the training rows ``idx``: (B*K, ...). The time spent
         here (gather, copy, augmentation, normalisation; s) adds up in ``pipeline_s``."""
         t0 = time.perf_counter()
-        out = self.train(self.rows(idx), generator)
+        out = self.front.train_views(self.rows(idx), self.k, generator, self.cfg, self.norm)
         self.pipeline_s += time.perf_counter() - t0
         return out
 

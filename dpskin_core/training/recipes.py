@@ -43,10 +43,18 @@ class Params:
     seeds: Tuple[int, ...]
     epsilons: Tuple[float, ...]
     lesion_epsilons: Tuple[float, ...]  # budgets of the lesion-level (user-level) DP comparison
-    epochs: int                       # end-to-end non-private recipes
+    epochs: int                       # end-to-end non-private recipes: at most this many
     batch_size: int                   # their batch size
+    patience: Optional[int]           # their early stopping (epochs without validation gain)
+    warmup_epochs: float              # their linear learning-rate warm-up (epochs)
+    lr_schedule: str                  # their schedule after warm-up: constant | cosine
+    augment_color: float              # their colour jitter (data-independent)
     dp_epochs: int                    # end-to-end DP recipes (DP-SGD / DP-Adam)
     dp_batch_size: int                # their expected (Poisson) batch size
+    dp_logit_adjust: bool             # their class-imbalance remedy: noisy-histogram prior
+    dp_la_tau: float                  # its strength tau (logits shifted by tau log prior)
+    dp_ema: Optional[float]           # their EMA of the weights (decay per step; None: off)
+    dp_aug_mult: int                  # their augmentation multiplicity (views per image)
     lr_sgd: float
     lr_adam: float
     lr_dp_sgd: float
@@ -67,9 +75,10 @@ class Params:
     overfit_epochs: Optional[int]
     overfit_batch_size: Optional[int]
     overfit_optimizer: str
+    loso_sites: Tuple[str, ...] = ()  # leave-one-site-out: each site held out as the test split
 
     def __post_init__(self) -> None:
-        for name in ("backbones", "seeds", "epsilons", "lesion_epsilons"):  # lists from YAML
+        for name in ("backbones", "seeds", "epsilons", "lesion_epsilons", "loso_sites"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("backbones", "seeds"):
             if not getattr(self, name):
@@ -103,7 +112,7 @@ class Params:
 @dataclass(frozen=True)
 class Recipe:
     """A named way of training: ``build(p)`` is its config; ``axes`` the grid it is swept over
-    (a subset of backbone, target_epsilon, seed)."""
+    (a subset of backbone, target_epsilon, site, seed; ``site`` sets ``split="site:<site>"``)."""
 
     name: str
     label: str                        # for tables and figures
@@ -124,14 +133,18 @@ class Recipe:
                               f"its axes: {', '.join(self.axes)}")
         takes_n = "n_train" in inspect.signature(self.build).parameters
         base = self.build(p, n_train=n_train) if takes_n else self.build(p)
+        if "site" in point:
+            point["split"] = f"site:{point.pop('site')}"
         return base.replace(recipe=self.name, name=self.name, **point)
 
     def configs(self, p: Params, *, backbones: Optional[Sequence[str]] = None,
                 epsilons: Optional[Sequence[float]] = None, seeds: Optional[Sequence[int]] = None,
+                sites: Optional[Sequence[str]] = None,
                 n_train: Optional[int] = None) -> List[RunConfig]:
         """One config per point of the recipe's grid (the profile's lists unless given)."""
         values = {"backbone": list(backbones or p.backbones),
-                  "target_epsilon": list(epsilons or p.epsilons), "seed": list(seeds or p.seeds)}
+                  "target_epsilon": list(epsilons or p.epsilons), "seed": list(seeds or p.seeds),
+                  "site": list(sites or p.loso_sites)}
         return [self.config(p, n_train=n_train, **dict(zip(self.axes, combo)))
                 for combo in itertools.product(*(values[a] for a in self.axes))]
 
@@ -139,6 +152,7 @@ class Recipe:
 #: name -> Recipe
 RECIPES: Registry[Recipe] = Registry("recipe")
 E2E, DP, PROPOSED = ("backbone", "seed"), ("backbone", "target_epsilon", "seed"), ("target_epsilon", "seed")
+LOSO = ("backbone", "site", "seed")
 
 
 def _recipe(name: str, label: str, axes: Tuple[str, ...]) -> Callable[[Callable[..., RunConfig]], Callable[..., RunConfig]]:
@@ -160,31 +174,54 @@ def _end_to_end(p: Params, **over: Any) -> RunConfig:
                         **common(p), **over})
 
 
+def _reference(p: Params, **over: Any) -> RunConfig:
+    """Non-private training to convergence: warm-up, then the profile's schedule over at most
+    ``epochs``, stopped when validation balanced accuracy has not improved for ``patience``
+    epochs (the best epoch is released); loss weighted by the (private) class counts."""
+    return _end_to_end(p, class_weights=p.class_weights, early_stopping_patience=p.patience,
+                       warmup_epochs=p.warmup_epochs, lr_schedule=p.lr_schedule,
+                       augment_color=p.augment_color, **over)
+
+
+def _dp(p: Params, **over: Any) -> RunConfig:
+    """An end-to-end DP run at the DP schedule with the profile's DP levers (noisy class prior,
+    EMA, augmentation multiplicity); the last iterate (or its EMA) is released."""
+    return _end_to_end(p, dp=True, target_epsilon=p.epsilons[0], epochs=p.dp_epochs,
+                       batch_size=p.dp_batch_size, logit_adjust=p.dp_logit_adjust,
+                       la_tau=p.dp_la_tau, ema_decay=p.dp_ema, aug_mult=p.dp_aug_mult, **over)
+
+
 # --------------------------------------------------------------------------- end to end
 @_recipe("nonprivate-sgd", "non-private SGD", E2E)
 def nonprivate_sgd(p: Params) -> RunConfig:
-    """The backbone trained without privacy by SGD (momentum 0.9), class-weighted loss."""
-    return _end_to_end(p, optimizer="sgd", lr=p.lr_sgd, class_weights=p.class_weights)
+    """The backbone trained without privacy to convergence by SGD (momentum 0.9)."""
+    return _reference(p, optimizer="sgd", lr=p.lr_sgd)
 
 
 @_recipe("nonprivate-adam", "non-private Adam", E2E)
 def nonprivate_adam(p: Params) -> RunConfig:
-    """The backbone trained without privacy by Adam, class-weighted loss."""
-    return _end_to_end(p, optimizer="adam", lr=p.lr_adam, class_weights=p.class_weights)
+    """The backbone trained without privacy to convergence by Adam."""
+    return _reference(p, optimizer="adam", lr=p.lr_adam)
+
+
+@_recipe("loso-adam", "non-private Adam, one site held out", LOSO)
+def loso_adam(p: Params) -> RunConfig:
+    """The non-private Adam reference trained on all HAM10000 acquisition sites but one and
+    tested on that one (``split="site:<site>"``): generalisation to other acquisition
+    conditions."""
+    return nonprivate_adam(p)
 
 
 @_recipe("dp-sgd", "DP-SGD", DP)
 def dp_sgd(p: Params) -> RunConfig:
     """The backbone trained by DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise)."""
-    return _end_to_end(p, dp=True, target_epsilon=p.epsilons[0], optimizer="sgd", lr=p.lr_dp_sgd,
-                       epochs=p.dp_epochs, batch_size=p.dp_batch_size)
+    return _dp(p, optimizer="sgd", lr=p.lr_dp_sgd)
 
 
 @_recipe("dp-adam", "DP-Adam", DP)
 def dp_adam(p: Params) -> RunConfig:
     """The backbone trained by DP-Adam (Adam's update on DP-SGD's noisy gradient)."""
-    return _end_to_end(p, dp=True, target_epsilon=p.epsilons[0], optimizer="adam", lr=p.lr_dp_adam,
-                       epochs=p.dp_epochs, batch_size=p.dp_batch_size)
+    return _dp(p, optimizer="adam", lr=p.lr_dp_adam)
 
 
 @_recipe("dp-sgd-lesion", "DP-SGD, lesion-level", DP)
@@ -247,14 +284,21 @@ def ablation_scatter_front_end(p: Params) -> RunConfig:
 
 
 # --------------------------------------------------------------------------- attacked models
+#: the attacked end-to-end models train at a constant rate for a fixed number of epochs,
+#: without colour jitter (as the attacks chapter has measured them)
+_PLAIN = dict(early_stopping_patience=None, warmup_epochs=0.0, lr_schedule="constant",
+              augment_color=0.0)
+
+
 def _attack(cfg: RunConfig, p: Params) -> RunConfig:
     return cfg.replace(accountant=p.attack_accountant) if cfg.dp else cfg
 
 
 @_recipe("attack/nonprivate", "non-private", ("seed",))
 def attack_nonprivate(p: Params) -> RunConfig:
-    """The non-private SGD recipe, for ``attack_epochs``."""
-    return nonprivate_sgd(p).replace(epochs=p.attack_epochs or p.epochs)
+    """The non-private SGD recipe for ``attack_epochs`` at a constant rate, without early
+    stopping (the attacked model is the last iterate)."""
+    return nonprivate_sgd(p).replace(epochs=p.attack_epochs or p.epochs, **_PLAIN)
 
 
 @_recipe("attack/nonprivate-no-augmentation", "non-private (no augmentation)", ("seed",))
@@ -263,23 +307,31 @@ def attack_nonprivate_no_augmentation(p: Params) -> RunConfig:
     ``overfit_*`` schedule (more, smaller steps; optimiser of choice)."""
     lr = p.lr_adam if p.overfit_optimizer == "adam" else p.lr_sgd
     return nonprivate_sgd(p).replace(
+        **_PLAIN,
         optimizer=p.overfit_optimizer, lr=lr, augment_flips=False, augment_rot90=False,
         epochs=p.overfit_epochs or p.attack_epochs or p.epochs,
         batch_size=p.overfit_batch_size or p.batch_size)
+
+
+def _plain_dp(cfg: RunConfig) -> RunConfig:
+    """The plain DP baseline (no levers), as the attacks chapter measures it."""
+    return cfg.replace(logit_adjust=False, la_tau=1.0, ema_decay=None, aug_mult=1)
 
 
 @_recipe("attack/dp-sgd", "DP-SGD", PROPOSED)
 def attack_dp_sgd(p: Params) -> RunConfig:
     """DP-SGD for ``attack_epochs`` at the non-private batch size (the attacked models train on
     half the attack pool), noise calibrated by ``attack_accountant``."""
-    return _attack(dp_sgd(p).replace(epochs=p.attack_epochs or p.epochs, batch_size=p.batch_size), p)
+    return _attack(_plain_dp(dp_sgd(p)).replace(epochs=p.attack_epochs or p.epochs,
+                                                batch_size=p.batch_size), p)
 
 
 @_recipe("attack/dp-adam", "DP-Adam", PROPOSED)
 def attack_dp_adam(p: Params) -> RunConfig:
     """DP-Adam for ``attack_epochs`` at the non-private batch size, noise calibrated by
     ``attack_accountant``."""
-    return _attack(dp_adam(p).replace(epochs=p.attack_epochs or p.epochs, batch_size=p.batch_size), p)
+    return _attack(_plain_dp(dp_adam(p)).replace(epochs=p.attack_epochs or p.epochs,
+                                                 batch_size=p.batch_size), p)
 
 
 @_recipe("attack/proposed", "proposed", PROPOSED)

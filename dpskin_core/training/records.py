@@ -185,6 +185,12 @@ def package_versions() -> Dict[str, str]:
     return out
 
 
+def is_complete(run_dir: PathLike) -> bool:
+    """Whether the run in ``run_dir`` finished (its ``meta.json`` says ``complete``)."""
+    meta = Path(run_dir) / "meta.json"
+    return meta.is_file() and read_json(meta).get("status") == "complete"
+
+
 # --------------------------------------------------------------------------- loading
 def _run_dirs(runs_root: PathLike) -> Iterable[Path]:
     root = Path(runs_root)
@@ -208,7 +214,8 @@ def load_runs(runs_root: Optional[PathLike] = None, complete_only: bool = True) 
         row = {"run": d.name, "run_dir": str(d), "status": meta.get("status"), **cfg}
         row["method"] = meta.get("method")
         for k in ("epsilon", "noise_multiplier", "sample_rate", "steps", "wall_time_s",
-                  "train_images_per_s", "peak_memory_mb", "code_version"):
+                  "train_images_per_s", "peak_memory_mb", "code_version", "eval_epoch",
+                  "collapsed"):
             row[k] = meta.get(k)
         row["n_units"] = (meta.get("privacy") or {}).get("n_units")
         for k, v in (meta.get("final_metrics") or {}).items():

@@ -109,10 +109,23 @@ def selection_rdp(rdp: np.ndarray, eta: float, gamma: float,
 def selection_epsilon(history: History, delta: float, eta: float, gamma: float,
                       orders: Sequence[float] = ORDERS) -> float:
     """(eps at ``delta``) of a private search whose every trial has accountant ``history``."""
+    return space_selection_epsilon([history], delta, eta, gamma, orders)
+
+
+def space_selection_epsilon(histories: Sequence[History], delta: float, eta: float,
+                            gamma: float, orders: Sequence[float] = ORDERS) -> float:
+    """(eps at ``delta``) of a private search whose trial draws its hyperparameters at random
+    from a space whose candidates have accountant ``histories``: one trial (draw, then train)
+    is a mixture of the candidates, and the Renyi divergence of two mixtures with the same
+    weights is at most the largest of the candidates' (joint quasi-convexity), so the trial's
+    RDP curve is bounded by the pointwise maximum over the whole space (drawn or not)."""
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
+    if not histories:
+        raise ConfigError("a search space needs at least one candidate")
     keep = [i for i, a in enumerate(orders) if a > 1]
-    curve = selection_rdp(rdp_of(history, orders), eta, gamma, orders)
+    trial = np.max(np.stack([rdp_of(h, orders) for h in histories]), axis=0)
+    curve = selection_rdp(trial, eta, gamma, orders)
     eps, _ = get_privacy_spent(orders=[orders[i] for i in keep], rdp=curve[keep], delta=delta)
     return float(eps)
 
@@ -126,4 +139,4 @@ def single_run_epsilon(history: History, delta: float, orders: Sequence[float] =
 
 
 __all__ = ["ORDERS", "draw_trials", "expected_trials", "gamma_for", "rdp_of", "selection_epsilon",
-           "selection_rdp", "single_run_epsilon", "trial_probabilities"]
+           "selection_rdp", "single_run_epsilon", "space_selection_epsilon", "trial_probabilities"]

@@ -184,7 +184,7 @@ def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
             labels = data.y_train if unit_labels is None else unit_labels
             counts = noisy_class_histogram(labels, cfg.hist_noise,
                                            torch.Generator().manual_seed(_seed(dp_seed, "histogram")))
-            prefix = ((float(cfg.hist_noise), 1.0, 1),)
+            prefix = prefix_history(cfg)
             released = {"class_histogram": counts.round(2).tolist(), "hist_noise": cfg.hist_noise,
                         "counts_of": f"{cfg.privacy_unit}s per class"}
         return LogitAdjustedLoss(log_prior(counts), cfg.la_tau).to(device), prefix, released
@@ -192,6 +192,32 @@ def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
         w = torch.tensor(counts.sum() / (len(CLASSES) * np.maximum(counts, 1)), dtype=torch.float32)
         return nn.CrossEntropyLoss(weight=w.to(device)), (), {}
     return nn.CrossEntropyLoss(), (), {}
+
+
+def prefix_history(cfg: RunConfig) -> Tuple[Tuple[float, float, int], ...]:
+    """The releases a DP run makes before training, as accountant steps: the noisy class
+    histogram of the logit-adjusted loss (one Gaussian release, sensitivity 1, q = 1)."""
+    return ((float(cfg.hist_noise), 1.0, 1),) if cfg.dp and cfg.logit_adjust else ()
+
+
+def _calibrated(cfg: RunConfig, n_units: int, total_steps: int, prefix: tuple):
+    q = privacy.sample_rate_for(cfg.batch_size, n_units)
+    sigma = privacy.noise_multiplier_for(cfg.target_epsilon, cfg.delta, q, total_steps,
+                                         cfg.accountant, prefix=tuple(prefix))
+    return sigma, q, total_steps
+
+
+def planned_history(cfg: RunConfig, n_units: int) -> List[Tuple[float, float, int]]:
+    """The accountant history a single-process DP run of ``cfg`` on ``n_units`` privacy units
+    will have when it completes (releases before training, then the noisy steps at the
+    derived sigma), computed without training: what a private search needs to bound every
+    candidate of its space (:mod:`dpskin_core.book.search`)."""
+    if not cfg.dp:
+        raise ConfigError("planned_history: the config is not DP")
+    prefix = prefix_history(cfg)
+    total = privacy.steps_per_epoch(cfg.batch_size, n_units) * cfg.epochs
+    sigma, q, steps = _calibrated(cfg, n_units, total, prefix)
+    return [*prefix, (sigma, q, steps)]
 
 
 def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -220,10 +246,8 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
     from .sampling import poisson_loader
 
     n_units = len(groups) if groups is not None else n_images
-    q = privacy.sample_rate_for(cfg.batch_size, n_units)
     steps = privacy.steps_per_epoch(cfg.batch_size, n_units)
-    sigma = privacy.noise_multiplier_for(cfg.target_epsilon, cfg.delta, q, total_steps,
-                                         cfg.accountant, prefix=prefix)
+    sigma, q, _ = _calibrated(cfg, n_units, total_steps, prefix)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure_mode=False (research use)
         engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=cfg.dp_noise == "secure")
@@ -633,7 +657,7 @@ def run(
     """
     cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
     run_dir = records.run_dir_for(cfg, runs_root)
-    if _complete(run_dir):
+    if records.is_complete(run_dir):
         return _load_result(run_dir, cfg)
     # everything that can fail on bad input happens before the run folder is created
     data = data if data is not None else load_data(data_spec(cfg))
@@ -642,7 +666,7 @@ def run(
     # rank 0 holds the lock; the other ranks follow its decisions (broadcast)
     with records.run_lock(run_dir) if world.main else contextlib.nullcontext():
         # finished by another process while this one loaded the data?
-        if world.broadcast_int(_complete(run_dir) if world.main else 0):
+        if world.broadcast_int(records.is_complete(run_dir) if world.main else 0):
             return _load_result(run_dir, cfg)
         s = start(cfg, data, run_dir, world)
         resume(s)
@@ -669,11 +693,6 @@ def run(
             s.meta["status"] = "interrupted"
             s.write_meta()
             raise
-
-
-def _complete(run_dir: Path) -> bool:
-    meta = run_dir / "meta.json"
-    return meta.is_file() and read_json(meta).get("status") == "complete"
 
 
 def privacy_statement(cfg: RunConfig, n_units: int) -> Dict[str, Any]:
