@@ -17,6 +17,7 @@
 profile = "smoke"
 overrides = {}
 loso_backbones = None  # networks of the leave-one-site-out runs (None: the profile's first)
+loso_seeds = None      # their seeds (None: the profile's seeds)
 
 # %% [markdown]
 # # What DP costs each network
@@ -132,7 +133,7 @@ drop.collapse_table(runs)
 
 # %% tags=["hide-output"]
 loso_nets = list(loso_backbones or P.backbones[:1])
-loso = (sweep(RECIPES.get("loso-adam").configs(P, backbones=loso_nets), P.runs_root,
+loso = (sweep(RECIPES.get("loso-adam").configs(P, backbones=loso_nets, seeds=loso_seeds), P.runs_root,
               nproc=P.nproc) if P.loso_sites else pd.DataFrame())
 
 # %%

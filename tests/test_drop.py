@@ -51,6 +51,19 @@ def test_recall_drop_names_the_class_that_pays():
     assert drop.recall_drop_by_network(_rows(), 3.0).empty  # no such budget
 
 
+def test_a_network_without_dp_runs_is_a_reference_only():
+    """A profile's dp_backbones may leave a network with its non-private runs only."""
+    extra = pd.DataFrame([dict(backbone="netC", optimizer="adam", dp=False, target_epsilon=None,
+                               seed=s, balanced_accuracy=0.7, predicted_classes=7, split="lesion",
+                               **{f"recall_{c}": 0.7 for c in CLASSES}) for s in (0, 1, 2)])
+    runs = pd.concat([_rows(), extra], ignore_index=True)
+    t = drop.accuracy_table(runs, [1.0, 8.0])
+    assert t.loc[("netC", "Adam"), "ε = 8"] == "—" and t.loc[("netC", "Adam"), "n"] == 3
+    assert np.isnan(t.loc[("netC", "Adam"), "drop at ε = 8"])
+    assert "netC" not in drop.recall_drop_by_network(runs, 1.0).index.get_level_values("network")
+    assert "netC" not in set(drop.drop_long(runs)["network"])
+
+
 def test_collapse_table_counts_collapsed_models():
     c = drop.collapse_table(_rows())
     assert c.loc[("netA", "SGD", "ε = 1"), "collapsed"] == 1

@@ -104,12 +104,12 @@ def test_every_mode_gives_the_hooks_update(name, one_thread):  # noqa: F811
 
 
 @pytest.mark.parametrize("positions", [64, 1024])  # below / above the grouped path's threshold
-@pytest.mark.parametrize("groups", [1, 4])
-def test_conv_grad_sample_matches_autograd_per_sample(positions, groups):
+@pytest.mark.parametrize("cout, groups, stride", [(12, 1, 1), (12, 4, 1), (16, 8, 2)])  # 8: depthwise
+def test_conv_grad_sample_matches_autograd_per_sample(positions, cout, groups, stride):
     side = int(positions ** 0.5)
-    layer = nn.Conv2d(8, 12, 3, padding=1, stride=1, groups=groups, bias=True)
-    a = torch.randn(5, 8, side, side)
-    g = torch.randn(5, 12, side, side)
+    layer = nn.Conv2d(8, cout, 3, padding=1, stride=stride, groups=groups, bias=True)
+    a = torch.randn(5, 8, side * stride, side * stride)
+    g = torch.randn(5, cout, side, side)
     got = conv2d_grad_sample(layer, a, g)
     for i in range(5):
         layer.zero_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import dpskin_core
@@ -80,6 +81,8 @@ def test_a_run_folder_of_the_flat_layout_stays_readable():
     runs = records.load_runs(root)
     assert list(runs["run"]) == ["e9e38e5a5de5b0f7"] and runs.loc[0, "dp"]
     run_dir = root / "e9e38e5a5de5b0f7"
+    # one run read alone is its row of the listing
+    pd.testing.assert_frame_equal(pd.DataFrame([records.load_run(run_dir)]), runs)
     assert Checkpoint.load(run_dir / "checkpoints").epoch == 2
     model = load_trained(run_dir)
     recorded = records.load_predictions(run_dir).filter(like="prob_").to_numpy()

@@ -126,3 +126,21 @@ def test_reference_dp_and_loso_recipes_use_the_profile_levers():
         assert not c.logit_adjust and c.ema_decay is None
     with pytest.raises(ConfigError, match="not swept over site"):
         RECIPES.get("dp-sgd").config(p, site="rosendahl")
+
+
+def test_private_recipes_sweep_the_dp_backbones():
+    """A profile may train more networks without privacy than under DP (``dp_backbones``); the
+    list must be a non-empty subset of ``backbones``."""
+    import dataclasses
+
+    from dpskin_core.training.recipes import Params
+
+    p = load_registry().params("cpu")
+    assert p.dp_backbones and set(p.dp_backbones) < set(p.backbones)
+    assert {c.backbone for c in RECIPES.get("dp-sgd").configs(p)} == set(p.dp_backbones)
+    assert {c.backbone for c in RECIPES.get("nonprivate-sgd").configs(p)} == set(p.backbones)
+    every = dataclasses.replace(p, dp_backbones=None)
+    assert {c.backbone for c in RECIPES.get("dp-adam").configs(every)} == set(p.backbones)
+    for bad in (["resnet18"], []):
+        with pytest.raises(ConfigError, match="dp_backbones must be a non-empty subset"):
+            Params.from_mapping({**dataclasses.asdict(p), "dp_backbones": bad})

@@ -18,15 +18,11 @@ from .tables import fmt_mean_std, recall_by_class
 INF = "ε = ∞"
 
 
-def _budget(dp: bool, eps: float) -> str:
-    return budget_label(True, eps) if dp else INF
-
-
 def labelled(runs: pd.DataFrame) -> pd.DataFrame:
     """``runs`` with ``optimiser`` (SGD / Adam) and ``budget`` (ε = ∞ for non-private)."""
     out = runs.copy()
     out["optimiser"] = out["optimizer"].map({"sgd": "SGD", "adam": "Adam"}).fillna(out["optimizer"])
-    out["budget"] = [_budget(bool(d), e) for d, e in zip(out["dp"].astype(bool), out["target_epsilon"])]
+    out["budget"] = [budget_label(bool(d), e, INF) for d, e in zip(out["dp"].astype(bool), out["target_epsilon"])]
     return out
 
 
@@ -80,7 +76,8 @@ def recall_drop_by_network(runs: pd.DataFrame, epsilon: float) -> pd.DataFrame:
     col = budget_label(True, epsilon)
     if INF not in wide or col not in wide:
         return pd.DataFrame(columns=list(CLASSES))
-    drop = (wide[INF] - wide[col]).unstack("class")
+    # a network without DP runs at this budget (a profile's dp_backbones) has no row
+    drop = (wide[INF] - wide[col]).unstack("class").dropna(how="all")
     drop.index.names = ["network", "optimiser"]
     return drop[[c for c in CLASSES if c in drop.columns]]
 

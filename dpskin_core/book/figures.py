@@ -17,9 +17,9 @@ from .tables import eps_over_steps, recall_by_class, summary_table
 NONPRIVATE = "non-private"
 
 
-def budget_label(dp: bool, eps: Optional[float]) -> str:
-    """``non-private`` or ``ε = 8``."""
-    return f"ε = {eps:g}" if dp else NONPRIVATE
+def budget_label(dp: bool, eps: Optional[float], nonprivate: str = NONPRIVATE) -> str:
+    """``ε = 8``, or ``nonprivate`` (``non-private`` unless given, e.g. ``ε = ∞``)."""
+    return f"ε = {eps:g}" if dp else nonprivate
 
 
 def with_budget(runs: pd.DataFrame, epsilons: Sequence[float]) -> List[str]:

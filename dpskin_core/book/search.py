@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import secrets
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -38,7 +37,8 @@ from ..errors import ConfigError, DpskinError
 from ..files import read_json, write_json
 from ..training import RunConfig
 from ..training import selection
-from ..training.records import code_version, is_complete, run_dir_for
+from ..training.checkpoint import dp_seed
+from ..training.records import code_version, is_complete, load_run, run_dir_for
 from ..training.trainer import planned_history
 from .sweeps import benign_warnings_silenced, run_in
 
@@ -138,20 +138,6 @@ def search_id(base: RunConfig, space: SearchSpace, version: Optional[str] = None
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _secret(folder: Path, base: RunConfig) -> int:
-    """The root of the search's randomness: OS entropy kept in ``private/secret.json`` (read
-    back on resume), or the public seed in the research mode ``dp_noise="seeded"``."""
-    if base.dp_noise == "seeded":
-        return int(base.seed)
-    path = folder / "private" / "secret.json"
-    if path.is_file():
-        return int(read_json(path)["secret"])
-    value = secrets.randbits(63)
-    write_json(path, {"secret": value, "note": "PRIVATE: regenerates the number of trials and "
-                      "their hyperparameters; never publish this file"})
-    return value
-
-
 def draw_plan(space: SearchSpace, root_secret: int) -> List[Dict[str, Any]]:
     """The trials (hyperparameters and a training seed each) the secret determines: K ~
     D(eta, gamma), then K independent uniform draws. Secret: never print or record it."""
@@ -229,7 +215,9 @@ def private_search(base: RunConfig, space: SearchSpace, runs_root: PathLike, *, 
     if record.is_file():
         return _result(read_json(record), folder)
     trials_root = folder / "private" / "trials"
-    plan = draw_plan(space, _secret(folder, base))
+    # the plan's root: the private seed of dp_seed (OS entropy kept in private/secret.json and
+    # read back on resume; the public seed only in the research mode dp_noise="seeded")
+    plan = draw_plan(space, dp_seed(folder / "private", base.dp_noise, base.seed))
     if verbose:  # nothing here may count the trials
         print(f"private search {sid}: E[K] = {space.expected_trials:g} trials "
               f"(eta = {space.eta:g}); the number drawn is secret", flush=True)
@@ -287,15 +275,11 @@ def _result(rec: Mapping[str, Any], folder: Path) -> SearchResult:
 
 def winner_runs(results: Sequence[SearchResult]) -> pd.DataFrame:
     """One row per search: the winner's record (as ``load_runs``) and the search's columns."""
-    from ..training.records import load_runs
-
     rows = []
     for r in results:
-        runs = load_runs(r.winner_dir.parent)
-        row = runs[runs["run"] == r.winner_dir.name]
-        if row.empty:
+        if not is_complete(r.winner_dir):
             raise DpskinError(f"search {r.search_id}: the winner's record is missing ({r.winner_dir})")
-        rows.append(row.iloc[0].to_dict() | {f"search_{k}": v for k, v in r.row().items()})
+        rows.append(load_run(r.winner_dir) | {f"search_{k}": v for k, v in r.row().items()})
     return pd.DataFrame(rows)
 
 

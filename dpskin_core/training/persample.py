@@ -162,9 +162,11 @@ def conv2d_grad_sample(layer: nn.Conv2d, a: torch.Tensor,
     Opacus' formula (unfold + einsum) for small outputs and string paddings."""
     n = a.shape[0]
     positions = g.shape[2] * g.shape[3]
-    if isinstance(layer.padding, str) or layer.padding_mode != "zeros" \
-            or positions < GROUPED_MIN_POSITIONS:
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
         return _samplers()[nn.Conv2d](layer, [a], g)
+    if positions < GROUPED_MIN_POSITIONS:
+        return _unfold_grad_sample(layer, a, g) if layer.groups > 1 \
+            else _samplers()[nn.Conv2d](layer, [a], g)
     w = layer.weight
     # only the weight's shape is read when just the weight gradient is asked for: a stride-0 view
     shape_only = torch.zeros((), dtype=a.dtype, device=a.device).expand(n * w.shape[0], *w.shape[1:])
@@ -173,6 +175,26 @@ def conv2d_grad_sample(layer: nn.Conv2d, a: torch.Tensor,
         shape_only, None, layer.stride, layer.padding, layer.dilation, False, (0, 0),
         n * layer.groups, (False, True, False))
     out = {w: gw.reshape(n, *w.shape)}
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = g.sum(dim=(2, 3))
+    return out
+
+
+def _unfold_grad_sample(layer: nn.Conv2d, a: torch.Tensor,
+                        g: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of a grouped (e.g. depthwise) Conv2d by unfold + one product per
+    group. Opacus' formula multiplies every output channel with every input column and then
+    keeps the block diagonal, ``groups`` times the work: for MobileNetV3-small's depthwise
+    layers at 32 px that product was ~80 % of a DP step (batch 256, 2 CPU cores)."""
+    from opacus.utils.tensor_utils import unfold2d
+
+    n, G = a.shape[0], layer.groups
+    A = unfold2d(a, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
+                 dilation=layer.dilation)                 # (n, Cin * kh * kw, T)
+    T = A.shape[-1]
+    A = A.reshape(n, G, -1, T)                            # (n, G, Cin/G * kh * kw, T)
+    B = g.reshape(n, G, -1, T)                            # (n, G, Cout/G, T)
+    out = {layer.weight: torch.matmul(B, A.transpose(2, 3)).reshape(n, *layer.weight.shape)}
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = g.sum(dim=(2, 3))
     return out

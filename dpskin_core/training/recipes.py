@@ -76,6 +76,9 @@ class Params:
     overfit_batch_size: Optional[int]
     overfit_optimizer: str
     loso_sites: Tuple[str, ...] = ()  # leave-one-site-out: each site held out as the test split
+    #: the networks the private recipes sweep (a subset of ``backbones``; None: all of them):
+    #: a profile can afford converged non-private references of more networks than DP grids
+    dp_backbones: Optional[Tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
         for name in ("backbones", "seeds", "epsilons", "lesion_epsilons", "loso_sites"):
@@ -83,6 +86,12 @@ class Params:
         for name in ("backbones", "seeds"):
             if not getattr(self, name):
                 raise ConfigError(f"profile parameter {name} is empty")
+        if self.dp_backbones is not None:
+            object.__setattr__(self, "dp_backbones", tuple(self.dp_backbones))
+            extra = [b for b in self.dp_backbones if b not in self.backbones]
+            if extra or not self.dp_backbones:
+                raise ConfigError(f"profile parameter dp_backbones must be a non-empty subset of "
+                                  f"backbones {list(self.backbones)}; got {list(self.dp_backbones)}")
 
     @classmethod
     def field_names(cls) -> List[str]:
@@ -141,8 +150,10 @@ class Recipe:
                 epsilons: Optional[Sequence[float]] = None, seeds: Optional[Sequence[int]] = None,
                 sites: Optional[Sequence[str]] = None,
                 n_train: Optional[int] = None) -> List[RunConfig]:
-        """One config per point of the recipe's grid (the profile's lists unless given)."""
-        values = {"backbone": list(backbones or p.backbones),
+        """One config per point of the recipe's grid (the profile's lists unless given; a
+        private recipe's networks are the profile's ``dp_backbones`` when set)."""
+        nets = p.dp_backbones if self.private and p.dp_backbones is not None else p.backbones
+        values = {"backbone": list(backbones or nets),
                   "target_epsilon": list(epsilons or p.epsilons), "seed": list(seeds or p.seeds),
                   "site": list(sites or p.loso_sites)}
         return [self.config(p, n_train=n_train, **dict(zip(self.axes, combo)))

@@ -207,21 +207,29 @@ def _records(runs_root: Optional[PathLike], complete_only: bool):
             yield d, read_json(d / "config.json"), meta
 
 
+def run_row(d: Path, cfg: Dict[str, Any], meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The row of :func:`load_runs` for one run folder ``d`` (its config and meta read)."""
+    row = {"run": d.name, "run_dir": str(d), "status": meta.get("status"), **cfg}
+    row["method"] = meta.get("method")
+    for k in ("epsilon", "noise_multiplier", "sample_rate", "steps", "wall_time_s",
+              "train_images_per_s", "peak_memory_mb", "code_version", "eval_epoch",
+              "collapsed"):
+        row[k] = meta.get(k)
+    row["n_units"] = (meta.get("privacy") or {}).get("n_units")
+    for k, v in (meta.get("final_metrics") or {}).items():
+        row[k] = v
+    return row
+
+
+def load_run(run_dir: PathLike) -> Dict[str, Any]:
+    """The row of :func:`load_runs` of the one run in ``run_dir`` (complete or not)."""
+    d = Path(run_dir)
+    return run_row(d, read_json(d / "config.json"), read_json(d / "meta.json"))
+
+
 def load_runs(runs_root: Optional[PathLike] = None, complete_only: bool = True) -> pd.DataFrame:
     """One row per run: config fields, privacy parameters and final evaluation metrics."""
-    rows = []
-    for d, cfg, meta in _records(runs_root, complete_only):
-        row = {"run": d.name, "run_dir": str(d), "status": meta.get("status"), **cfg}
-        row["method"] = meta.get("method")
-        for k in ("epsilon", "noise_multiplier", "sample_rate", "steps", "wall_time_s",
-                  "train_images_per_s", "peak_memory_mb", "code_version", "eval_epoch",
-                  "collapsed"):
-            row[k] = meta.get(k)
-        row["n_units"] = (meta.get("privacy") or {}).get("n_units")
-        for k, v in (meta.get("final_metrics") or {}).items():
-            row[k] = v
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([run_row(d, cfg, meta) for d, cfg, meta in _records(runs_root, complete_only)])
 
 
 def load_metrics(runs_root: Optional[PathLike] = None, complete_only: bool = True) -> pd.DataFrame:

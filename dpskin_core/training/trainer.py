@@ -200,11 +200,14 @@ def prefix_history(cfg: RunConfig) -> Tuple[Tuple[float, float, int], ...]:
     return ((float(cfg.hist_noise), 1.0, 1),) if cfg.dp and cfg.logit_adjust else ()
 
 
-def _calibrated(cfg: RunConfig, n_units: int, total_steps: int, prefix: tuple):
+def _calibrated(cfg: RunConfig, n_units: int, total_steps: int, prefix: tuple) -> Tuple[float, float]:
+    """(sigma, q): the sample rate of ``cfg``'s expected batch over ``n_units`` units, and the
+    noise multiplier reaching its target eps after ``prefix`` and ``total_steps`` steps (the
+    one calibration both the run and :func:`planned_history` use)."""
     q = privacy.sample_rate_for(cfg.batch_size, n_units)
     sigma = privacy.noise_multiplier_for(cfg.target_epsilon, cfg.delta, q, total_steps,
                                          cfg.accountant, prefix=tuple(prefix))
-    return sigma, q, total_steps
+    return sigma, q
 
 
 def planned_history(cfg: RunConfig, n_units: int) -> List[Tuple[float, float, int]]:
@@ -216,8 +219,8 @@ def planned_history(cfg: RunConfig, n_units: int) -> List[Tuple[float, float, in
         raise ConfigError("planned_history: the config is not DP")
     prefix = prefix_history(cfg)
     total = privacy.steps_per_epoch(cfg.batch_size, n_units) * cfg.epochs
-    sigma, q, steps = _calibrated(cfg, n_units, total, prefix)
-    return [*prefix, (sigma, q, steps)]
+    sigma, q = _calibrated(cfg, n_units, total, prefix)
+    return [*prefix, (sigma, q, total)]
 
 
 def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -247,7 +250,7 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
 
     n_units = len(groups) if groups is not None else n_images
     steps = privacy.steps_per_epoch(cfg.batch_size, n_units)
-    sigma, q, _ = _calibrated(cfg, n_units, total_steps, prefix)
+    sigma, q = _calibrated(cfg, n_units, total_steps, prefix)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure_mode=False (research use)
         engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=cfg.dp_noise == "secure")
