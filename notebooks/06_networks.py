@@ -23,9 +23,10 @@ loso_seeds = None      # their seeds (None: the profile's seeds)
 # # What DP costs each network
 #
 # The performance drop, network by network: every backbone of the profile trained without
-# privacy to convergence (chapter {doc}`01_baseline`) and by DP-SGD and DP-Adam at every
-# budget (chapters {doc}`02_dp_sgd` and {doc}`03_dp_adam`), at the same resolution and on the
-# same lesion-grouped split. A DP run is paired with the non-private run of its optimiser
+# privacy to convergence (chapter {doc}`01_baseline`) and, those of the profile's
+# `dp_backbones`, by DP-SGD and DP-Adam at every budget (chapters {doc}`02_dp_sgd` and
+# {doc}`03_dp_adam`), at the same resolution and on the same lesion-grouped split; a network
+# without DP runs in this profile shows its reference only (— at the finite budgets). A DP run is paired with the non-private run of its optimiser
 # (DP-SGD with SGD, DP-Adam with Adam); ε = ∞ is that reference. Then how the non-private
 # references generalise to another acquisition site (leave-one-site-out), a question DP
 # cannot answer for them but the dissertation must.

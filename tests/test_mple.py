@@ -1,0 +1,148 @@
+"""MpLe (dpskin_core.mple): keys, morphing, the augmented layer's parity, the known-plaintext
+attack, and the refusals of bad input. Small images (8 px: d = 3 x 10 x 10 = 300) keep the
+d x d algebra fast; the scheme is the same at 32 px (d = 3468)."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dpskin_core.errors import ConfigError, DataError, UnknownNameError
+from dpskin_core.mple import KeySpec, build_mple, make_key, morph, parity_model, read_morphed, write_morphed
+from dpskin_core.mple.attacks import known_plaintext
+from dpskin_core.mple.keys import key_from_matrix
+from dpskin_core.mple.layer import AugmentedConv, split_first_conv, unroll_conv
+from dpskin_core.training.backbones import build_backbone
+
+
+@pytest.fixture(scope="module")
+def key():
+    return make_key(KeySpec(8, seed=11))
+
+
+def test_key_is_seeded_and_recorded(key):
+    again = make_key(KeySpec(8, seed=11))
+    assert key.fingerprint == again.fingerprint and np.array_equal(key.matrix, again.matrix)
+    assert make_key(KeySpec(8, seed=12)).fingerprint != key.fingerprint
+    assert key.matrix.shape == (300, 300) and 1 < key.condition < 1e7
+    assert np.allclose(key.matrix @ key.inverse, np.eye(300), atol=1e-6)
+    block = make_key(KeySpec(8, kind="block", blocks=3, seed=1))
+    b = block.matrix[:100, :100]
+    assert np.array_equal(block.matrix, np.kron(np.eye(3), b))
+    assert block.condition == pytest.approx(np.linalg.cond(block.matrix), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind, blocks", [("dense", 1), ("block", 3)])
+def test_augmented_layer_computes_the_plain_network(kind, blocks):
+    """z C_ac = x C_r P: the MpLe network on morphed inputs gives the plain logits."""
+    torch.manual_seed(0)
+    k = make_key(KeySpec(8, kind=kind, blocks=blocks, seed=5))
+    model = build_backbone("smallcnn_fast", num_classes=7).eval()
+    x = torch.randn(16, 3, 8, 8)
+    z = morph(x, k)
+    with torch.no_grad():
+        plain, ours = model(x), parity_model(model, k, perm_seed=3).eval()(z)
+    assert (plain - ours).abs().max() < 2e-3, (plain - ours).abs().max()
+    # the first layer's features come out with their channels permuted by the secret P
+    conv, _ = split_first_conv(model)
+    net, perm = build_mple(model, k, perm_seed=3)
+    with torch.no_grad():
+        feats = net.augmented(z)
+        assert torch.allclose(feats, conv(x)[:, torch.as_tensor(perm)], atol=2e-3)
+    assert not np.array_equal(perm, np.arange(len(perm)))
+    # the morphed samples are not the images
+    assert z.shape == (16, 300) and not torch.allclose(z[:, :192], x.reshape(16, -1), atol=0.5)
+
+
+def test_unrolled_conv_is_the_conv(key):
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    cr = unroll_conv(conv, key)
+    flat = nn.functional.pad(x, (1, 1, 1, 1)).reshape(2, -1)
+    got = (flat @ cr).reshape(2, 4, 8, 8)
+    assert torch.allclose(got, nn.functional.conv2d(x, conv.weight.double(), padding=1), atol=1e-10)
+
+
+def test_known_plaintext_recovers_the_key_from_enough_pairs(key):
+    torch.manual_seed(1)
+    xs = torch.randn(260, 3, 8, 8)
+    zs = morph(xs, key)
+    full = known_plaintext(xs[:200], zs[:200], xs[200:], zs[200:], key)  # 200 >= 3 x 8 x 8 = 192
+    few = known_plaintext(xs[:60], zs[:60], xs[200:], zs[200:], key)
+    ridge = known_plaintext(xs[:60], zs[:60], xs[200:], zs[200:], key, ridge=1.0)
+    assert full["unknown_rows"] == 192 and full["key_rel_error"] < 1e-3 and full["psnr_db"] > 60
+    assert few["key_rel_error"] > 0.3 and few["psnr_db"] < 30
+    assert np.isfinite(ridge["psnr_db"])
+
+
+def test_the_shipped_dataset_holds_no_key(tmp_path, key):
+    x = torch.randn(5, 3, 8, 8)
+    path = write_morphed(tmp_path / "ship" / "train.npz", x, np.arange(5), key)
+    with np.load(path) as f:
+        assert set(f.files) == {"morphed", "labels", "fingerprint", "shape"}
+    z, y, fp = read_morphed(path, key)
+    assert torch.allclose(z, morph(x, key)) and list(y) == list(range(5)) and fp == key.fingerprint
+    with pytest.raises(ConfigError, match="was made with key"):
+        read_morphed(path, make_key(KeySpec(8, seed=99)))
+    with pytest.raises(DataError, match="does not exist"):
+        read_morphed(tmp_path / "nope.npz")
+    with pytest.raises(DataError, match="5 images but 4 labels"):
+        write_morphed(tmp_path / "bad.npz", x, np.arange(4), key)
+
+
+def test_bad_keys_images_and_layers_are_refused(key):
+    spec = KeySpec(8)
+    with pytest.raises(ConfigError, match=r"shape \(299, 299\).*need \(300, 300\)"):
+        key_from_matrix(spec, np.eye(299))
+    with pytest.raises(ConfigError, match="singular or ill-conditioned"):
+        key_from_matrix(spec, np.zeros((300, 300)))
+    bad = np.eye(300)
+    bad[0, 0] = 1e-9  # condition number 1e9
+    with pytest.raises(ConfigError, match="condition number 1e"):
+        key_from_matrix(spec, bad)
+    with pytest.raises(ConfigError, match="non-finite"):
+        key_from_matrix(spec, np.full((300, 300), np.nan))
+    with pytest.raises(UnknownNameError, match="unknown mple key kind 'diagonal'"):
+        KeySpec(8, kind="diagonal")
+    with pytest.raises(ConfigError, match="blocks=7 does not divide d=300"):
+        KeySpec(8, kind="block", blocks=7)
+    with pytest.raises(ConfigError, match=r"\(4, 3, 16, 16\) do not fit the mple key"):
+        morph(torch.zeros(4, 3, 16, 16), key)
+    with pytest.raises(DataError, match="non-finite"):
+        morph(torch.full((1, 3, 8, 8), float("inf")), key)
+    for conv, what in ((nn.Conv2d(1, 8, 3, padding=1), "in_channels 1"),
+                       (nn.Conv2d(3, 8, 3, padding=0), "padding"),
+                       (nn.Conv2d(3, 8, 3, padding=1, groups=1, dilation=2), "dilation")):
+        with pytest.raises(ConfigError, match=what):
+            AugmentedConv.from_conv(conv, key, np.arange(8))
+    with pytest.raises(ConfigError, match="permutation must reorder the 8"):
+        AugmentedConv.from_conv(nn.Conv2d(3, 8, 3, padding=1), key, np.arange(7))
+    with pytest.raises(ConfigError, match=r"takes \(n, 300\)"):
+        build_mple(build_backbone("smallcnn_fast", num_classes=7), key, 0)[0](torch.zeros(2, 301))
+    with pytest.raises(ConfigError, match="only networks whose input meets features.0"):
+        split_first_conv(build_backbone("resnet18", num_classes=7))
+
+
+def test_vgg16s_first_layer_is_split_off():
+    conv, rest = split_first_conv(build_backbone("vgg16", num_classes=7))
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 64, (3, 3))
+    assert isinstance(rest.features[0], nn.Identity)
+
+
+def test_the_model_gives_away_the_key_and_the_permutation():
+    """The service provider's C_ac and a known C_r recover P (leverage scores) and M^-1 (least
+    squares), and with them every image; a wrong C_r guess does not."""
+    from dpskin_core.mple.attacks import from_model, psnr
+    from dpskin_core.mple.morph import unmorph
+
+    torch.manual_seed(0)
+    k = make_key(KeySpec(8, seed=4))
+    model = build_backbone("smallcnn_fast", num_classes=7)
+    net, perm = build_mple(model, k, perm_seed=9)
+    conv, _ = split_first_conv(model)
+    got = from_model(net.augmented, conv, k)
+    assert np.array_equal(got["perm"], perm) and got["gap"] > 0
+    x = torch.randn(10, 3, 8, 8)
+    back = unmorph(morph(x, k), got["m_inv"], k)
+    assert psnr(x, back, float(x.max() - x.min())).min() > 60
+    wrong = from_model(net.augmented, nn.Conv2d(3, conv.out_channels, 3, padding=1, bias=False), k)
+    assert psnr(x, unmorph(morph(x, k), wrong["m_inv"], k), float(x.max() - x.min())).mean() < 30
