@@ -8,8 +8,10 @@ Public entry points::
 Subpackages, lowest layer first (a layer imports only the layers before it; a test checks it):
 ``data`` (files, splits, decoding, synthetic data, downloads) -> ``training`` (config, privacy
 math, backbones, front ends, technique, ``run``, run records, recipes) -> ``attacks``
-(membership inference, extraction, reconstruction, audit, privacy cards) -> ``book`` (the
-experiment registry, sweeps, tables, figures, the notebook runner) -> ``cli``.
+(membership inference, extraction, reconstruction, audit, privacy cards) -> ``mple`` (morphed
+learning, reproduced and attacked) and ``federated`` (Flower federations across the sites),
+side by side -> ``book`` (the experiment registry, sweeps, tables, figures, the notebook
+runner) -> ``cli``.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 
 from .data.download import DOWNLOADS
 from .errors import DpskinError
+from .files import read_json
 
 
 def parse_overrides(items: List[str]) -> Dict[str, object]:
@@ -104,6 +105,24 @@ def _cmd_book(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_fl(args: argparse.Namespace) -> int:
+    """``dpskin fl run|deploy``: a federation in this process, or on Flower's deployment
+    engine (SuperLink + one SuperNode per client on 127.0.0.1)."""
+    from .federated import FLConfig, run_federation
+    from .federated.deploy import deploy
+
+    cfg = FLConfig.from_dict(read_json(Path(args.config)))
+    if args.fl_command == "deploy":
+        res = deploy(cfg, args.runs, startup_timeout_s=args.startup_timeout, run_timeout_s=args.timeout)
+    else:
+        res = run_federation(cfg, args.runs)
+    last = res.rounds[res.rounds["round"] == res.rounds["round"].max()]
+    print(last[["client", "status", "epsilon", "balanced_accuracy"]].to_string(index=False))
+    print(f"federation {res.folder.name}: mean balanced accuracy "
+          f"{last['balanced_accuracy'].mean():.3f} after {cfg.rounds} rounds; record in {res.folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpskin", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true",
                    help="re-execute notebooks even when their hash matches")
     b.set_defaults(func=_cmd_book)
+    f = sub.add_parser("fl", help="federated learning across clients (dpskin_core.federated)")
+    fsub = f.add_subparsers(dest="fl_command", required=True)
+    for name, what in (("run", "run a federation in this process"),
+                       ("deploy", "run a federation on Flower's deployment engine (127.0.0.1)")):
+        fp = fsub.add_parser(name, help=what)
+        fp.add_argument("--config", required=True, help="federation config (JSON: FLConfig's fields)")
+        fp.add_argument("--runs", default=None, help="runs root (default $DPSKIN_RUNS or ./runs)")
+        if name == "deploy":
+            fp.add_argument("--startup-timeout", type=float, default=60.0,
+                            help="seconds for the SuperLink to start and the run to be submitted")
+            fp.add_argument("--timeout", type=float, default=3600.0,
+                            help="seconds for the whole federation")
+        fp.set_defaults(func=_cmd_fl)
     return p
 
 

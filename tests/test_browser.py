@@ -160,7 +160,7 @@ def test_results_chapters_have_figures_and_tables(browser):
 
     pages = [f"book/results/{name}.html" for name in
              ("00_data", "01_baseline", "02_dp_sgd", "03_dp_adam", "06_networks", "07_tuning",
-              "04_proposed", "05_attacks",
+              "04_proposed", "05_attacks", "08_mple", "09_federated",
               "10_summary")]
     count = ("return [document.querySelectorAll('.cell_output img').length,"
              " document.querySelectorAll('.cell_output table').length];")
@@ -176,3 +176,19 @@ def test_results_chapters_have_figures_and_tables(browser):
             imgs, tables = browser.execute_script(count)
             empty.append(f"{page}: {imgs} images, {tables} tables")
     assert not empty, f"results chapters without figures or tables: {empty}"
+
+
+def test_the_bibliography_lists_every_entry_and_citations_resolve(browser):
+    """Every entry of book/references.bib is listed, and no citation is left unresolved."""
+    import re
+
+    from selenium.webdriver.common.by import By
+
+    n_entries = len(re.findall(r"^@\w+\{", (ROOT / "book" / "references.bib").read_text(), re.M))
+    _open(browser, HTML / "book" / "bibliography.html")
+    listed = browser.find_elements(By.CSS_SELECTOR, "div.citation[role='doc-biblioentry']")
+    assert len(listed) == n_entries, f"{len(listed)} of {n_entries} entries listed"
+    for page in ("book/intro.html", "book/methods.html", "book/data.html"):
+        _open(browser, HTML / page)
+        text = browser.find_element(By.CSS_SELECTOR, "main, article, body").text
+        assert "{cite" not in text and "[?]" not in text, f"{page}: an unresolved citation"

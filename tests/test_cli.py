@@ -32,3 +32,21 @@ def test_train_and_list_runs(capsys, tmp_path):
     assert "balanced_accuracy" in out and "eps =" in out and "prv accountant" in out
     assert main(["runs", "--runs", str(tmp_path / "runs")]) == 0
     assert "dp-sgd" in capsys.readouterr().out
+
+
+def test_fl_run_and_a_bad_federation_config(capsys, tmp_path):
+    import json
+
+    from dpskin_core.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rounds": 1, "clients": 4}))
+    assert main(["fl", "run", "--config", str(bad), "--runs", str(tmp_path)]) == 2
+    assert "unknown key(s) clients" in capsys.readouterr().err
+    good = tmp_path / "fl.json"
+    good.write_text(json.dumps({"rounds": 1, "run": {"backbone": "smallcnn_fast", "synth_n": 200,
+                                                     "image_size": 16, "batch_size": 16,
+                                                     "progress": False, "lr": 0.05}}))
+    assert main(["fl", "run", "--config", str(good), "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mean balanced accuracy" in out and "synth_a" in out

@@ -146,3 +146,100 @@ def test_the_model_gives_away_the_key_and_the_permutation():
     assert psnr(x, back, float(x.max() - x.min())).min() > 60
     wrong = from_model(net.augmented, nn.Conv2d(3, conv.out_channels, 3, padding=1, bias=False), k)
     assert psnr(x, unmorph(morph(x, k), wrong["m_inv"], k), float(x.max() - x.min())).mean() < 30
+
+
+def test_ssim_and_the_second_order_attack():
+    """SSIM is 1 on equal images and low on noise; the ciphertext-only attack matches the
+    morphed rows' first two moments to the public images' (which is all it can do)."""
+    from dpskin_core.mple.attacks import second_order, ssim
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 12, 12)
+    assert torch.allclose(ssim(x, x), torch.ones(4, dtype=torch.float64))
+    assert ssim(x, torch.rand(4, 3, 12, 12)).max() < 0.3
+    with pytest.raises(ConfigError, match="ssim: images of shapes"):
+        ssim(x, x[:, :2])
+    k = make_key(KeySpec(4, seed=2))                       # d = 3 x 6 x 6 = 108, 48 pixels
+    base = torch.randn(48, 3) @ torch.randn(3, 48)         # images on a 3-d subspace + noise
+    xs = (torch.randn(3000, 48) @ base / 4 + 0.1 * torch.randn(3000, 48)).reshape(-1, 3, 4, 4)
+    guess = second_order(morph(xs, k), xs, k)
+    assert guess.shape == xs.shape
+    flat, gflat = xs.reshape(len(xs), -1).double(), guess.reshape(len(xs), -1).double()
+    assert torch.allclose(gflat.mean(0), flat.mean(0), atol=1e-4)
+    cov, gcov = torch.cov(flat.T), torch.cov(gflat.T)
+    assert (gcov - cov).abs().max() < 1e-3 * cov.abs().max()
+
+
+def test_given_rows_need_a_model_factory(tmp_path):
+    from dpskin_core.training import RunConfig, run
+
+    cfg = RunConfig(features="given", epochs=1, synth_n=60, image_size=16, batch_size=8, progress=False)
+    with pytest.raises(ConfigError, match="features='given'.*model_factory missing"):
+        run(cfg, tmp_path)
+    with pytest.raises(ConfigError, match="features='pixels'.*model_factory given"):
+        run(cfg.replace(features="pixels"), tmp_path, model_factory=lambda: nn.Linear(2, 7))
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_training_on_morphed_data_through_run(tmp_path, monkeypatch, dp):
+    """The provider ships morphed rows (no key in them; the secret in a private folder), the
+    service provider trains the rest behind the frozen C_ac through ``run`` (DP-SGD too), the
+    released model's membership inference is recorded, and a finished run is read back
+    without building the key again."""
+    from dpskin_core.mple import train as mt
+    from dpskin_core.training import RunConfig
+
+    cfg = RunConfig(features="given", backbone="smallcnn_fast", epochs=1, synth_n=120,
+                    image_size=8, batch_size=16, optimizer="adam", lr=1e-3, progress=False,
+                    augment_flips=False, augment_rot90=False, dp=dp,
+                    target_epsilon=8.0 if dp else None, delta=1e-3, recipe="mple/test")
+    spec = mt.MpleSpec("block", 3)
+    got = mt.train(cfg, spec, tmp_path)
+    root = mt.mple_root(spec, tmp_path)
+    assert got.result.run_dir.parent == root and got.result.meta["status"] == "complete"
+    assert (got.result.epsilon is not None) == dp and 0 <= got.membership["auc"] <= 1
+    assert (root / "private" / "secret.json").is_file() and got.key["d"] == 300
+    shipped = sorted((root / "shipped").rglob("*.npz"))
+    assert [p.name for p in shipped] == ["test.npz", "train.npz", "val.npz"]
+    for p in shipped:
+        with np.load(p) as f:
+            assert set(f.files) == {"morphed", "labels", "fingerprint", "shape"}
+    # the trained rest: only it has weights in the checkpoint (C_ac is the provider's)
+    ck = torch.load(got.result.run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert not any("weight" in k and v.numel() > 10**5 for k, v in ck["model"].items())
+    monkeypatch.setattr(mt, "make_key", lambda *a, **k: pytest.fail("the key was built again"))
+    again = mt.train(cfg, spec, tmp_path)
+    assert again.result.reused and again.membership == got.membership
+    with pytest.raises(ConfigError, match="features='given'"):
+        mt.provide(cfg.replace(features="pixels"), spec, None, root)
+    with pytest.raises(ConfigError, match="kind 'dense' takes blocks=1"):
+        mt.MpleSpec("dense", 2)
+
+
+def test_the_cost_rows_count_what_they_say():
+    from dpskin_core.mple.evaluate import cost
+
+    k = make_key(KeySpec(8, seed=1))
+    torch.manual_seed(0)
+    x8 = np.random.default_rng(0).integers(0, 255, (16, 8, 8, 3), dtype=np.uint8)
+    x = torch.from_numpy(x8).permute(0, 3, 1, 2).float() / 255
+    rows = {r["quantity"]: r for r in cost(build_backbone("smallcnn_fast", num_classes=7), k, x, x8,
+                                           batch=16, repeats=1)}
+    assert rows["first layer: parameters"]["plain"] == 32 * 3 * 9
+    assert rows["first layer: parameters"]["mple"] == 300 * 32 * 8 * 8
+    assert rows["bytes shipped (uint8 vs float32 morphed)"]["ratio"] == pytest.approx(4 * 300 / 192)
+    assert all(r["mple"] > 0 for r in rows.values())
+
+
+def test_vgg16_trains_behind_its_augmented_layer(tmp_path):
+    """MpLe's own network: VGG-16 (GroupNorm) split at features.0, the rest trained on the
+    feature maps of a 64-channel C_ac (one epoch on a few 32 px images)."""
+    from dpskin_core.mple import train as mt
+    from dpskin_core.training import RunConfig
+
+    cfg = RunConfig(features="given", backbone="vgg16", epochs=1, synth_n=60, image_size=32,
+                    batch_size=16, optimizer="adam", lr=1e-4, progress=False, val_frac=0.2,
+                    test_frac=0.2, augment_flips=False, augment_rot90=False)
+    got = mt.train(cfg, mt.MpleSpec("block", 12), tmp_path)
+    assert got.result.meta["status"] == "complete" and got.key["d"] == 3468
+    assert 0 <= got.result.final_metrics["balanced_accuracy"] <= 1

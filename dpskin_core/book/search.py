@@ -277,9 +277,11 @@ def winner_runs(results: Sequence[SearchResult]) -> pd.DataFrame:
     """One row per search: the winner's record (as ``load_runs``) and the search's columns."""
     rows = []
     for r in results:
-        if not is_complete(r.winner_dir):
-            raise DpskinError(f"search {r.search_id}: the winner's record is missing ({r.winner_dir})")
-        rows.append(load_run(r.winner_dir) | {f"search_{k}": v for k, v in r.row().items()})
+        row = load_run(r.winner_dir) if (r.winner_dir / "meta.json").is_file() else {}
+        if row.get("status") != "complete":
+            raise DpskinError(f"search {r.search_id}: the winner's record is missing or "
+                              f"incomplete ({r.winner_dir})")
+        rows.append(row | {f"search_{k}": v for k, v in r.row().items()})
     return pd.DataFrame(rows)
 
 

@@ -8,11 +8,9 @@ and returns one row per config read back from the run records. Chapters that onl
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
 
@@ -21,33 +19,11 @@ import pandas as pd
 from ..errors import DpskinError
 from ..training import RunConfig, run
 from ..training.distributed import launch
+from ..training.quiet import BENIGN_WARNINGS, benign_warnings_silenced, silence_benign_warnings
 from ..training.recipes import RECIPES, Params, recipe_label
 from ..training.records import code_version, config_hash, is_complete, load_runs, run_dir_for
 
 PathLike = Union[str, Path]
-
-#: warnings of the libraries that are expected in every DP run and say nothing about it:
-#: Opacus' backward hook on a first layer whose input needs no gradient; the RDP accountant
-#: at its largest order and the PRV accountant's log(0) at sampling rate 1 (the proposed
-#: technique's one-off histogram release is a step with q = 1).
-BENIGN_WARNINGS = ("Full backward hook is firing", "Optimal order is the largest alpha",
-                   "divide by zero encountered in log")
-
-
-def silence_benign_warnings() -> None:
-    """Silence :data:`BENIGN_WARNINGS` (only those) from now on, so a notebook's output shows
-    the warnings that matter; :func:`benign_warnings_silenced` does it for one block."""
-    for msg in BENIGN_WARNINGS:
-        warnings.filterwarnings("ignore", message=msg)
-
-
-@contextlib.contextmanager
-def benign_warnings_silenced():
-    """Silence :data:`BENIGN_WARNINGS` (only those) inside the block."""
-    with warnings.catch_warnings():
-        silence_benign_warnings()
-        yield
-
 
 def _rows(configs: Sequence[RunConfig], ids: Sequence[str], runs_root: PathLike) -> pd.DataFrame:
     """One row per config (as ``load_runs``), labelled with the recipe that asked for it."""

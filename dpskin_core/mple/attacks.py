@@ -15,6 +15,10 @@ Left multiplication by M^-1 keeps every linear dependency, so the leverage score
 of C_ac (the diagonal of the projector onto the row space of its channels' Gram matrix) equals
 that of kernel ``P(j)``: sorting the scores recovers P whenever they are distinct (Cout > C k k),
 and then ``M^-1 = C_ac (C_r P)^+`` by least squares. No image is needed.
+
+Ciphertext only (:func:`second_order`): the morphed samples' first and second moments, matched
+to public look-alike images', fix the images up to an orthogonal d x d matrix; measured, not
+assumed, by SSIM (:func:`ssim`) as Carlini et al. measure their attack on InstaHide.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Dict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .keys import MorphKey
@@ -63,12 +68,6 @@ def estimate_inverse(x_plain: torch.Tensor, z: torch.Tensor, key: MorphKey, ridg
     return _regress(zz, x, ridge)
 
 
-def invert(z: torch.Tensor, m_hat: np.ndarray, key: MorphKey) -> torch.Tensor:
-    """Images recovered from morphed samples with an estimated key (its pseudo-inverse)."""
-    inv = np.linalg.pinv(m_hat)
-    return unflatten(torch.from_numpy(z.to(torch.float64).numpy() @ inv).to(torch.float32), key)
-
-
 def _leverage(blocks: torch.Tensor, rank: int) -> np.ndarray:
     """Leverage scores of the Cout channel blocks (d, Cout, T): diag of the rank-``rank``
     projector onto the row space of their (Cout, Cout) Gram matrix."""
@@ -108,20 +107,70 @@ def psnr(x: torch.Tensor, x_hat: torch.Tensor, data_range: float) -> torch.Tenso
     return 10 * torch.log10(data_range ** 2 / mse)
 
 
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win: int = 7) -> torch.Tensor:
+    """Structural similarity per image (Wang et al. 2004) of (n, C, H, W) images: a ``win`` x
+    ``win`` uniform window, K1 = 0.01, K2 = 0.03, sample covariances (scikit-image's defaults),
+    averaged over channels and the window positions inside the image."""
+    if x.shape != y.shape or x.dim() != 4:
+        raise ConfigError(f"ssim: images of shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    c = x.shape[1]
+    k = torch.full((c, 1, win, win), 1.0 / win ** 2, dtype=torch.float64)
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, k, groups=c)
+
+    n = win ** 2
+    mx, my = mean(x), mean(y)
+    vx = (mean(x * x) - mx ** 2) * n / (n - 1)
+    vy = (mean(y * y) - my ** 2) * n / (n - 1)
+    cxy = (mean(x * y) - mx * my) * n / (n - 1)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+def second_order(z: torch.Tensor, x_public: torch.Tensor, key: MorphKey) -> torch.Tensor:
+    """Ciphertext only: images guessed from morphed samples ``z`` (n, d) and public look-alike
+    images ``x_public`` (m, C, H, W, normalised) by matching first and second moments. The
+    morphed samples' covariance is ``M_I^T S M_I`` (I: the pixel rows of M, S: the images'
+    covariance), so whitening z and colouring it with the public S recovers the images only up
+    to an unknown orthogonal matrix: what these statistics cannot resolve is measured here."""
+    key.check_images(tuple(x_public.shape), "public images")
+    rows = interior(key)
+    xp = flatten_padded(x_public.to(torch.float64), key.spec.pad).numpy()[:, rows]
+    zz = z.to(torch.float64).numpy()
+    mu_x, mu_z = xp.mean(0), zz.mean(0)
+    r = len(rows)
+    lam, u = np.linalg.eigh(np.cov(zz, rowvar=False))
+    top = np.argsort(lam)[::-1][:r]
+    white = u[:, top] / np.sqrt(np.maximum(lam[top], 1e-12))            # (d, r)
+    s_val, s_vec = np.linalg.eigh(np.cov(xp, rowvar=False))
+    colour = (s_vec * np.sqrt(np.maximum(s_val, 0.0))) @ s_vec.T          # S^(1/2), (r, r)
+    x_int = (zz - mu_z) @ white @ colour + mu_x
+    flat = np.zeros((len(zz), key.d))
+    flat[:, rows] = x_int
+    return unflatten(torch.from_numpy(flat).to(torch.float32), key)
+
+
 def known_plaintext(x_known: torch.Tensor, z_known: torch.Tensor, x_other: torch.Tensor,
-                    z_other: torch.Tensor, key: MorphKey, ridge: float = 0.0) -> Dict[str, float]:
+                    z_other: torch.Tensor, key: MorphKey, ridge: float = 0.0) -> Dict[str, object]:
     """The attack end to end: regress an inverse on the known pairs, invert the other morphed
-    images and score them (PSNR, dB, on the normalised images); and the key's relative error on
-    the rows that can be identified (the padding's rows never meet a non-zero input)."""
+    images and score them (PSNR, dB, on the normalised images; ``recovered``: those images); and
+    the key's relative error on the rows that can be identified (the padding's rows never meet
+    a non-zero input)."""
     from .morph import unmorph
 
-    rec = unmorph(z_other, estimate_inverse(x_known, z_known, key, ridge), key)
+    x, zz = _pairs(x_known, z_known, key, ridge)  # once: both regressions share them
+    rec = unmorph(z_other, _regress(zz, x, ridge), key)
     rows = interior(key)
-    m_hat = estimate_key(x_known, z_known, key, ridge)
+    m_hat = _regress(x, zz, ridge)
     err = np.linalg.norm(m_hat[rows] - key.matrix[rows]) / np.linalg.norm(key.matrix[rows])
     rng = float(x_other.max() - x_other.min())
     return {"pairs": int(x_known.shape[0]), "unknown_rows": len(rows), "ridge": float(ridge),
-            "key_rel_error": float(err), "psnr_db": float(psnr(x_other, rec, rng).mean())}
+            "key_rel_error": float(err), "psnr_db": float(psnr(x_other, rec, rng).mean()),
+            "recovered": rec}
 
 
-__all__ = ["estimate_inverse", "estimate_key", "from_model", "invert", "known_plaintext", "psnr"]
+__all__ = ["estimate_inverse", "estimate_key", "from_model", "known_plaintext", "psnr",
+           "second_order", "ssim"]

@@ -92,6 +92,7 @@ class RunConfig:
     eval_split: str = "test"                # split whose predictions are the run's result
     # --- the proposed technique (training.technique, training.frontends); all off by default
     features: str = "pixels"                # front end (training.frontends): pixels | colour | scatter
+    #                                         | given (rows encoded by the caller; run(model_factory=))
     logit_adjust: bool = False              # logit-adjusted loss with a (noisy under dp) class prior
     la_tau: float = 1.0                     # logit-adjustment strength tau
     hist_noise: float = 20.0                # std (in images) of the Gaussian noise on the histogram
@@ -172,7 +173,7 @@ class RunConfig:
     @property
     def uses_technique(self) -> bool:
         """True when any lever of the proposed technique is on."""
-        return (self.features != "pixels" or self.logit_adjust or self.ema_decay is not None
+        return (self.features not in ("pixels", "given") or self.logit_adjust or self.ema_decay is not None
                 or self.aug_mult > 1)
 
     @property

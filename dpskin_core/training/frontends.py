@@ -254,6 +254,22 @@ class Scatter(FrontEnd):
         return feature_dihedral_views(xb, k, generator)
 
 
+@_register
+class Given(FrontEnd):
+    """Rows the caller encoded already: float (N, D) arrays in the data bundle, used as they
+    are, with no augmentation (they are not images; e.g. MpLe's morphed samples, which only the
+    key's holder could flip or rotate). Only through ``run(..., model_factory=...)``, whose
+    network takes such rows."""
+
+    name = "given"
+
+    def encode(self, x: np.ndarray, cfg: Any) -> torch.Tensor:
+        if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+            raise ConfigError(f"features='given' takes float rows (N, D) in the data bundle, got "
+                              f"{x.dtype} of shape {x.shape}")
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
 class Inputs:
     """The run's input pipeline: stored rows of every split, and the model inputs of a batch.
 

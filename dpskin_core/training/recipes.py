@@ -294,6 +294,32 @@ def ablation_scatter_front_end(p: Params) -> RunConfig:
                                augment_rot90=True)
 
 
+# --------------------------------------------------------------------------- MpLe (chapter 08)
+#: a morphed sample cannot be flipped, rotated or colour-jittered without the key: the MpLe
+#: runs, and the plain run they are compared with, see each image as it is
+_NO_AUGMENTATION = dict(augment_flips=False, augment_rot90=False, augment_color=0.0)
+
+
+@_recipe("mple/plain-no-augmentation", "plain, no augmentation", E2E)
+def mple_plain_no_augmentation(p: Params) -> RunConfig:
+    """The non-private Adam reference without augmentation: what MpLe's service provider
+    could reach at best (the same images, unaugmented, every layer trained)."""
+    return nonprivate_adam(p).replace(**_NO_AUGMENTATION)
+
+
+@_recipe("mple/nonprivate", "MpLe (morphed data)", E2E)
+def mple_nonprivate(p: Params) -> RunConfig:
+    """The non-private Adam reference trained by MpLe's service provider on morphed rows
+    (``dpskin_core.mple.train``): the first layer frozen in C_ac, the rest trained."""
+    return mple_plain_no_augmentation(p).replace(features="given")
+
+
+@_recipe("mple/dp-sgd", "MpLe + DP-SGD", DP)
+def mple_dp_sgd(p: Params) -> RunConfig:
+    """DP-SGD by MpLe's service provider on morphed rows (the privacy unit: one image)."""
+    return dp_sgd(p).replace(features="given", **_NO_AUGMENTATION)
+
+
 # --------------------------------------------------------------------------- attacked models
 #: the attacked end-to-end models train at a constant rate for a fixed number of epochs,
 #: without colour jitter (as the attacks chapter has measured them)

@@ -34,7 +34,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -89,6 +89,11 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
+def init_seed(seed: int) -> int:
+    """The torch seed of a run's model initialisation (public: from the run's ``seed``)."""
+    return _seed(seed, "init")
+
+
 def data_spec(cfg: RunConfig) -> DataSpec:
     """The data fields of ``cfg``."""
     return DataSpec(dataset=cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size,
@@ -96,7 +101,13 @@ def data_spec(cfg: RunConfig) -> DataSpec:
                     split_seed=cfg.split_seed, cache_dir=cfg.cache_dir, synth_n=cfg.synth_n)
 
 
-def check_against_data(cfg: RunConfig, data: DataBundle) -> None:
+#: builds the network to train in place of ``cfg.backbone``'s (a higher layer's, e.g. MpLe's
+#: augmented network); every call returns a fresh network with the same initial weights
+ModelFactory = Callable[[], nn.Module]
+
+
+def check_against_data(cfg: RunConfig, data: DataBundle,
+                       model_factory: Optional[ModelFactory] = None) -> None:
     """Checks that need N: batch size, delta < 1/N, non-empty evaluation split."""
     n = len(data.y_train)
     if cfg.batch_size > n:
@@ -106,9 +117,17 @@ def check_against_data(cfg: RunConfig, data: DataBundle) -> None:
     for split in {"val", cfg.eval_split}:
         if len(getattr(data, f"y_{split}")) == 0:
             raise ConfigError(f"the {split} split is empty; change val_frac/test_frac")
+    if (cfg.features == "given") != (model_factory is not None):
+        raise ConfigError("features='given' (rows encoded by the caller) and a model_factory go "
+                          "together: the factory's network takes those rows "
+                          f"(features={cfg.features!r}, model_factory "
+                          f"{'given' if model_factory else 'missing'})")
     if cfg.dp:  # the per-sample gradient engine must serve every layer (a shape-only model)
-        with torch.device("meta"):
-            shape_only = build_backbone(cfg.backbone, num_classes=len(CLASSES))
+        if model_factory is not None:
+            shape_only = model_factory()
+        else:
+            with torch.device("meta"):
+                shape_only = build_backbone(cfg.backbone, num_classes=len(CLASSES))
         resolve_mode(cfg.grad_sample_mode, shape_only, **grad_sample_settings(cfg))
 
 
@@ -306,17 +325,22 @@ def lr_factor(schedule: str, total_steps: int, warmup_steps: int = 0):
 
 
 def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
-                   dp_seed: Optional[int] = None, world: World = World()) -> TrainingSetup:
+                   dp_seed: Optional[int] = None, world: World = World(),
+                   model_factory: Optional[ModelFactory] = None) -> TrainingSetup:
     """Build the model, loss and optimizer; under DP, derive sigma and make them private.
 
     ``dp_seed`` is the root of the DP randomness (:func:`.checkpoint.dp_seed`); the model's
     initialisation, augmentation and shuffling of non-private runs come from the public seed.
+    ``model_factory`` builds the network instead of ``cfg.backbone`` (its own initialisation).
     """
     n_train = len(data.y_train)
-    torch.manual_seed(_seed(cfg.seed, "init"))
-    model = build_backbone(cfg.backbone, num_classes=len(CLASSES),
-                           pretrained_path=cfg.pretrained_path).to(device)
-    eval_model = build_backbone(cfg.backbone, num_classes=len(CLASSES)).to(device)
+    torch.manual_seed(init_seed(cfg.seed))
+    if model_factory is not None:
+        model, eval_model = model_factory().to(device), model_factory().to(device)
+    else:
+        model = build_backbone(cfg.backbone, num_classes=len(CLASSES),
+                               pretrained_path=cfg.pretrained_path).to(device)
+        eval_model = build_backbone(cfg.backbone, num_classes=len(CLASSES)).to(device)
     groups, units, unit_labels = None, None, None
     if cfg.dp and cfg.privacy_unit == "lesion":
         from .sampling import lesion_groups, unit_index
@@ -406,7 +430,8 @@ class Session:
             write_json(self.meta_path, self.meta)
 
 
-def start(cfg: RunConfig, data: DataBundle, run_dir: Path, world: World = World()) -> Session:
+def start(cfg: RunConfig, data: DataBundle, run_dir: Path, world: World = World(),
+          model_factory: Optional[ModelFactory] = None) -> Session:
     """Step 1: model, loss, optimizer (private under DP, with the run's DP seed: drawn and
     kept in the private checkpoints folder before anything is drawn from it; under torchrun
     rank 0 draws or reads it and hands it to the other ranks)."""
@@ -420,7 +445,7 @@ def start(cfg: RunConfig, data: DataBundle, run_dir: Path, world: World = World(
     if cfg.dp:
         seed = dp_seed(run_dir / "checkpoints", cfg.dp_noise, cfg.seed) if world.main else 0
         seed = world.broadcast_int(seed)
-    setup = setup_training(cfg, data, device, seed, world)
+    setup = setup_training(cfg, data, device, seed, world, model_factory)
     return Session(cfg, run_dir, data, device, setup, Inputs(cfg, data, device), world)
 
 
@@ -650,6 +675,7 @@ def run(
     *,
     data: Optional[DataBundle] = None,
     stop_after_epoch: Optional[int] = None,
+    model_factory: Optional[ModelFactory] = None,
 ) -> RunResult:
     """Train and evaluate one configuration, writing its run record.
 
@@ -657,6 +683,10 @@ def run(
     not trained again: its record is returned with ``reused=True``. A run with a checkpoint
     resumes after the last finished epoch. ``stop_after_epoch`` ends the call early (status
     "stopped"), as an interruption would; calling ``run`` again resumes it.
+
+    ``model_factory`` (with ``features="given"`` and ``data`` holding the encoded rows) trains
+    a network a higher layer builds (MpLe's); the run id does not see the factory, so its
+    caller keys ``runs_root`` by what the factory depends on. One process only.
     """
     cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
     run_dir = records.run_dir_for(cfg, runs_root)
@@ -664,14 +694,16 @@ def run(
         return _load_result(run_dir, cfg)
     # everything that can fail on bad input happens before the run folder is created
     data = data if data is not None else load_data(data_spec(cfg))
-    check_against_data(cfg, data)
+    check_against_data(cfg, data, model_factory)
     world = current(cfg.device)
+    if model_factory is not None and world.distributed:
+        raise ConfigError("run(model_factory=...) trains in one process; not under torchrun")
     # rank 0 holds the lock; the other ranks follow its decisions (broadcast)
     with records.run_lock(run_dir) if world.main else contextlib.nullcontext():
         # finished by another process while this one loaded the data?
         if world.broadcast_int(records.is_complete(run_dir) if world.main else 0):
             return _load_result(run_dir, cfg)
-        s = start(cfg, data, run_dir, world)
+        s = start(cfg, data, run_dir, world, model_factory)
         resume(s)
         try:
             for epoch in range(s.start_epoch, cfg.epochs + 1):

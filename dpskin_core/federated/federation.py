@@ -1,0 +1,260 @@
+"""A federation: its config, the server's rounds, and the in-process run of them.
+
+:class:`FLConfig` is one federated experiment (the clients' local recipe, the partition, the
+rounds and the server's strategy); frozen, unknown keys rejected. :func:`serve` is the server:
+round after round it asks for the clients' updates (``fit_all``), aggregates them with the
+strategy, evaluates the global model at every client (``evaluate_all``) and records it all
+in the federation's folder (``<runs_root>/federated/<id>/``), resuming after the last finished
+round. The same function runs in one process (:func:`run_federation`: the clients are called
+directly) and as Flower's ServerApp (:mod:`.app`: the clients are SuperNodes), so both paths
+compute the same global model from the same seeds.
+
+Privacy (record-level DP, ``run.dp``): every client runs DP-SGD / DP-Adam on its own images
+with its own accountant (:mod:`.client`); the server recomputes each client's eps from the
+(sigma, q, steps) history the client reports. Each image lives at exactly one client and only
+that client's releases depend on it, so the global model of every round, post-processing of
+all releases, is (max_k eps_k, delta)-DP for one image (add/remove adjacency), with the
+accountant of the clients' runs (PRV by default). Not counted: the clients' test metrics
+reported for the book, as in every chapter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DpskinError
+from ..files import read_json, write_json
+from ..training import RunConfig
+from ..training import privacy
+from ..training.checkpoint import StateDict
+from ..training.records import code_version, default_runs_root, git_commit, package_versions
+from .client import FitResult, client_config, evaluate, fit, initial_weights
+from .partitions import Client, Partition, partition
+from .strategies import STRATEGIES, Strategy
+
+PathLike = Union[str, Path]
+
+
+class FederationError(DpskinError):
+    """A federation could not complete a round (too few clients replied, a client failed)."""
+
+
+@dataclass(frozen=True)
+class FLConfig:
+    """One federated experiment. ``run`` is the clients' local recipe (its ``epochs`` are
+    ignored: ``local_epochs`` per round, ``rounds`` rounds; under ``run.dp`` its target eps is
+    each client's over the whole federation)."""
+
+    name: str = "federation"
+    run: RunConfig = field(default_factory=RunConfig)
+    partition: Partition = field(default_factory=Partition)
+    rounds: int = 3
+    local_epochs: int = 1
+    strategy: str = "fedavg"         # STRATEGIES: fedavg | fedadam
+    server_lr: float = 1.0           # fedadam's step (fedavg: unused)
+    min_clients: int = 1             # a round with fewer replies fails
+    round_timeout_s: float = 600.0   # deployment: how long a round waits for replies (s)
+    connect_timeout_s: float = 300.0  # deployment: for the SuperNodes to connect and name their
+    #                                   clients (each ClientApp loads its data first), s
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run, RunConfig):
+            raise ConfigError("federation run: expected a RunConfig (or its dict)")
+        STRATEGIES.get(self.strategy)
+        for name in ("rounds", "local_epochs", "min_clients"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"federation {name} must be a positive integer, got {v!r}")
+        for name in ("server_lr", "round_timeout_s", "connect_timeout_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+                raise ConfigError(f"federation {name} must be a finite number > 0, got {v!r}")
+        client_config(self.run, self.rounds, self.local_epochs)  # the local recipe is valid
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FLConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"federation config: unknown key(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(known))}")
+        d = dict(d)
+        if isinstance(d.get("run"), Mapping):
+            d["run"] = RunConfig.from_dict(d["run"])
+        if isinstance(d.get("partition"), Mapping):
+            p = dict(d["partition"])
+            bad = sorted(set(p) - {f.name for f in fields(Partition)})
+            if bad:
+                raise ConfigError(f"federation partition: unknown key(s) {', '.join(bad)}")
+            d["partition"] = Partition(**p)
+        return cls(**d)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["run"], d["partition"] = self.run.to_dict(), asdict(self.partition)
+        return d
+
+    @property
+    def local(self) -> RunConfig:
+        """The clients' recipe as the federation runs it (:func:`.client.client_config`)."""
+        return client_config(self.run, self.rounds, self.local_epochs)
+
+    def fl_id(self) -> str:
+        """The federation's id: its semantic fields and the code version (16 hex digits)."""
+        d = self.to_dict()
+        d.pop("name")
+        d.pop("round_timeout_s")
+        d.pop("connect_timeout_s")
+        d["run"] = self.local.semantic_dict()
+        payload = json.dumps({"config": d, "code": code_version("training"),
+                              "federated": federated_version()}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def federated_version() -> str:
+    """Hash of this subpackage's sources (12 hex digits)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def federation_dir(cfg: FLConfig, runs_root: Optional[PathLike] = None) -> Path:
+    root = Path(runs_root) if runs_root is not None else default_runs_root()
+    return root / "federated" / cfg.fl_id()
+
+
+# --------------------------------------------------------------------------- the server
+FitAll = Callable[[int, StateDict], Dict[str, Union[FitResult, BaseException]]]
+EvaluateAll = Callable[[StateDict], Dict[str, Dict[str, float]]]
+
+
+@dataclass
+class FLResult:
+    """A finished federation: its folder, the per-round rows and the final global weights."""
+
+    folder: Path
+    config: FLConfig
+    rounds: pd.DataFrame
+    weights: StateDict
+    meta: Dict[str, Any]
+
+
+def _privacy(cfg: FLConfig, eps: Dict[str, Optional[float]]) -> Optional[Dict[str, Any]]:
+    if not cfg.run.dp:
+        return None
+    worst = max((e for e in eps.values() if e is not None), default=None)
+    return {"level": "record", "unit": "image", "adjacency": "add/remove one image",
+            "delta": cfg.run.delta, "accountant": cfg.run.accountant, "client_epsilon": eps,
+            "global_epsilon": worst,
+            "statement": "each image lives at one client; the global model is post-processing "
+                         "of all clients' releases: (max_k eps_k, delta)-DP per image",
+            "not_counted": "the clients' test metrics of the global model (reported for the book)"}
+
+
+def record_failure(folder: Path, error: BaseException) -> None:
+    """Mark the federation failed in its record (the ServerApp's last word), naming the error."""
+    meta_path = folder / "meta.json"
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    meta.update(status="failed", error=f"{type(error).__name__}: {error}")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(meta_path, meta)
+
+
+def serve(cfg: FLConfig, folder: Path, clients: List[str], fit_all: FitAll,
+          evaluate_all: EvaluateAll, progress: bool = True) -> FLResult:
+    """The server's rounds (resumed after the last finished one), recorded in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "config.json", cfg.to_dict())
+    meta_path, ckpt, rows_path = folder / "meta.json", folder / "global.pt", folder / "rounds.csv"
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    if meta.get("status") == "complete":
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        return FLResult(folder, cfg, pd.read_csv(rows_path), state["weights"], meta)
+    strategy = Strategy(cfg.strategy, server_lr=cfg.server_lr)
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        weights, done = state["weights"], state["round"]
+        strategy.m, strategy.v = state["strategy"]["m"], state["strategy"]["v"]
+        rows = pd.read_csv(rows_path).to_dict("records") if rows_path.is_file() else []
+    else:
+        weights, done, rows = initial_weights(cfg.local), 0, []
+    meta.update(status="running", name=cfg.name, id=folder.name, clients=clients,
+                commit=git_commit(), versions=package_versions())
+    write_json(meta_path, meta)
+    eps: Dict[str, Optional[float]] = dict(meta.get("client_epsilon", {}))
+    t0 = time.perf_counter()
+    for rnd in tqdm(range(done + 1, cfg.rounds + 1), desc=f"{cfg.name} rounds", disable=not progress,
+                    initial=done, total=cfg.rounds):
+        replies = fit_all(rnd, weights)
+        ok = {n: r for n, r in sorted(replies.items()) if isinstance(r, FitResult)}
+        failed = {n: f"{type(r).__name__}: {r}" for n, r in replies.items() if not isinstance(r, FitResult)}
+        missing = [n for n in clients if n not in replies]
+        if len(ok) < cfg.min_clients:
+            meta.update(status="failed", failed_round=rnd, failed=failed, missing=missing)
+            write_json(meta_path, meta)
+            raise FederationError(f"federation {cfg.name}: round {rnd} got {len(ok)} update(s), "
+                                  f"fewer than min_clients={cfg.min_clients}; failed: {failed or '-'}; "
+                                  f"no reply: {missing or '-'}")
+        weights = strategy.step(weights, [r.weights for r in ok.values()],
+                                [r.n_examples for r in ok.values()])
+        for n, r in ok.items():  # the server's own accountant over what the client reports
+            eps[n] = (float(privacy.epsilon(r.history, cfg.run.delta, cfg.run.accountant))
+                      if cfg.run.dp else None)
+        scores = evaluate_all(weights)
+        for n in clients:
+            status = "ok" if n in ok else ("failed" if n in failed else "no reply")
+            m = scores.get(n, {})
+            rows.append({"round": rnd, "client": n, "status": status, "epsilon": eps.get(n),
+                         "balanced_accuracy": m.get("balanced_accuracy"), "accuracy": m.get("accuracy"),
+                         "nll": m.get("nll"),
+                         "n_test": m.get("n"), "error": failed.get(n)})
+        torch.save({"round": rnd, "weights": weights, "strategy": strategy.state()}, ckpt)
+        pd.DataFrame(rows).to_csv(rows_path, index=False)
+        meta.update(rounds_done=rnd, client_epsilon=eps, privacy=_privacy(cfg, eps))
+        write_json(meta_path, meta)
+    meta.update(status="complete", wall_time_s=meta.get("wall_time_s", 0.0) + time.perf_counter() - t0)
+    write_json(meta_path, meta)
+    return FLResult(folder, cfg, pd.DataFrame(rows), weights, meta)
+
+
+# --------------------------------------------------------------------------- in one process
+def load_clients(cfg: FLConfig, data=None) -> List[Client]:
+    """The federation's clients (its data loaded, partitioned)."""
+    from ..data import load_data
+    from ..training.trainer import data_spec
+
+    return partition(data if data is not None else load_data(data_spec(cfg.run)), cfg.partition)
+
+
+def run_federation(cfg: FLConfig, runs_root: Optional[PathLike] = None, *, data=None,
+                   progress: bool = True) -> FLResult:
+    """The federation in this process: every client's round called directly (sorted by name),
+    the server's :func:`serve`; cached and resumed as a run is."""
+    folder = federation_dir(cfg, runs_root)
+    clients = load_clients(cfg, data)
+    by_name = {c.name: c for c in clients}
+    local = cfg.local
+
+    def fit_all(rnd: int, weights: StateDict) -> Dict[str, Union[FitResult, BaseException]]:
+        return {n: fit(c, local, weights, rnd, cfg.local_epochs, folder / "clients" / n)
+                for n, c in sorted(by_name.items())}
+
+    def evaluate_all(weights: StateDict) -> Dict[str, Dict[str, float]]:
+        return {n: evaluate(c, local, weights) for n, c in by_name.items()}
+
+    return serve(cfg, folder, sorted(by_name), fit_all, evaluate_all, progress)
+
+
+__all__ = ["FLConfig", "FLResult", "FederationError", "federated_version", "federation_dir",
+           "load_clients", "record_failure", "run_federation", "serve"]

@@ -1,0 +1,266 @@
+"""Federated learning (dpskin_core.federated): partitions keep every lesion at one client, the
+strategies' arithmetic, the clients' accountants (counted before a round's first step, once
+per round), the server's handling of failed clients, the in-process federation, and the
+deployment on Flower (SuperLink + four SuperNodes on 127.0.0.1) computing the same model."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dpskin_core.data.datasets import DataSpec, load_data
+from dpskin_core.errors import ConfigError, DataError, UnknownNameError
+from dpskin_core.federated import FLConfig, FederationError, Partition, Strategy, partition, run_federation
+from dpskin_core.federated import client as fl_client
+from dpskin_core.federated.federation import federation_dir, serve
+from dpskin_core.federated.partitions import SYNTHETIC_SITES, class_table
+from dpskin_core.federated.strategies import weights
+from dpskin_core.training import RunConfig
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return load_data(DataSpec("synthetic", None, 16, synth_n=400))
+
+
+def _lesion_clients(clients):
+    seen = {}
+    for c in clients:
+        for les in c.data.meta["lesion_id"].unique():
+            assert les not in seen, f"lesion {les} at {seen.get(les)} and {c.name}"
+            seen[les] = c.name
+    return seen
+
+
+@pytest.mark.parametrize("p", [Partition("site"), Partition("iid", num_clients=3),
+                               Partition("dirichlet", num_clients=5, alpha=0.3)])
+def test_partitions_keep_every_lesion_at_one_client(synth, p):
+    clients = partition(synth, p)
+    _lesion_clients(clients)
+    total = sum(len(c.data.y_train) + len(c.data.y_val) + len(c.data.y_test) for c in clients)
+    assert total == len(synth.meta)
+    for c in clients:  # each client's part of each split is the global split's
+        for split in ("train", "val", "test"):
+            assert (c.data.meta["split"] == split).sum() == len(getattr(c.data, f"y_{split}"))
+    if p.scheme == "site":
+        assert [c.name for c in clients] == list(SYNTHETIC_SITES)
+    if p.scheme == "iid":
+        sizes = [c.data.meta["lesion_id"].nunique() for c in clients]
+        assert max(sizes) - min(sizes) <= 1
+    assert class_table(clients).to_numpy().sum() == len(synth.y_train)
+
+
+def test_partition_configs_are_checked():
+    with pytest.raises(UnknownNameError, match="unknown partition 'sites'"):
+        Partition("sites")
+    with pytest.raises(ConfigError, match="num_clients"):
+        Partition("iid", num_clients=0)
+    with pytest.raises(ConfigError, match="alpha"):
+        Partition("dirichlet", alpha=float("nan"))
+
+
+def test_site_partition_of_the_real_data(shared_data):
+    data = load_data(DataSpec("isic2018", str(shared_data), 8))
+    clients = partition(data, Partition("site"))
+    assert [c.name for c in clients] == ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
+    _lesion_clients(clients)
+    sizes = {c.name: len(c.data.meta) for c in clients}
+    # the README's counts, but for the 9 lesions seen at both vidir sites (26 images)
+    assert sizes["rosendahl"] == 2259 and sizes["vienna_dias"] == 439
+    assert abs(sizes["vidir_molemax"] - 3954) + abs(sizes["vidir_modern"] - 3363) <= 26
+    assert sum(sizes.values()) == 10015
+
+
+def test_a_missing_sites_file_names_it(tmp_path, isic_layout):
+    root = isic_layout(per_class=4)
+    data = load_data(DataSpec("isic2018", str(root), 8, cache_dir=str(tmp_path / "cache"),
+                              val_frac=0.25, test_frac=0.25))
+    with pytest.raises(DataError, match="HAM10000_sites.csv: not found"):
+        partition(data, Partition("site"))
+
+
+def test_strategies():
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 2.0]), "n": torch.tensor(3)}
+    s = Strategy("fedavg")
+    assert torch.allclose(s.step(a, [a, b], [1, 3])["w"], torch.tensor([3.0, 2.0]))
+    assert torch.allclose(s.step(a, [a, b], [None, None])["w"], torch.tensor([2.0, 2.0]))  # DP: equal
+    assert list(weights([2, 2, 4])) == [0.25, 0.25, 0.5]
+    adam = Strategy("fedadam", server_lr=0.1)
+    new = adam.step(a, [b], [1])
+    # first step: m = 0.1 d, v = 0.01 d^2 -> lr m / (sqrt v + tau) ~ lr sign(d)
+    assert torch.allclose(new["w"], torch.tensor([0.1, 2.0]), atol=1e-3) and int(new["n"]) == 3
+    with pytest.raises(UnknownNameError, match="unknown strategy 'fedsgd'"):
+        Strategy("fedsgd").step(a, [b], [1])
+    with pytest.raises(ConfigError, match="at least one client"):
+        s.step(a, [], [])
+
+
+def _run(dp=False, **kw):
+    return RunConfig(backbone="smallcnn_fast", optimizer="sgd", lr=0.5 if dp else 0.05, batch_size=32,
+                     synth_n=400, image_size=16, progress=False, num_threads=1, dp=dp,
+                     target_epsilon=50.0 if dp else None, delta=1e-4,
+                     dp_noise="seeded" if dp else "secret", **kw)
+
+
+def test_fl_config_round_trip_and_refusals():
+    cfg = FLConfig(run=_run(dp=True), rounds=2, strategy="fedadam", server_lr=0.01)
+    again = FLConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.fl_id() == cfg.fl_id()
+    assert cfg.local.epochs == 2 and cfg.local.lr_schedule == "constant"
+    assert FLConfig(run=_run(), rounds=3).fl_id() != FLConfig(run=_run(), rounds=2).fl_id()
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) round"):
+        FLConfig.from_dict({"round": 2})
+    with pytest.raises(ConfigError, match="partition: unknown key\\(s\\) clients"):
+        FLConfig.from_dict({"partition": {"clients": 2}})
+    with pytest.raises(ConfigError, match="rounds must be a positive integer"):
+        FLConfig(rounds=0)
+    with pytest.raises(ConfigError, match="server_lr must be a finite number"):
+        FLConfig(server_lr=float("inf"))
+
+
+def test_a_client_is_counted_before_its_round_and_once(tmp_path, synth, monkeypatch):
+    cfg = FLConfig(run=_run(dp=True), rounds=3)
+    c = partition(synth, cfg.partition)[0]
+    w = fl_client.initial_weights(cfg.local)
+    r1 = fl_client.fit(c, cfg.local, w, 1, 1, tmp_path)
+    assert len(r1.history) == 1 and r1.epsilon > 0 and r1.n_examples is None
+
+    def crash(*a, **k):
+        raise RuntimeError("killed mid-round")
+
+    monkeypatch.setattr(fl_client, "train_one_epoch", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        fl_client.fit(c, cfg.local, r1.weights, 2, 1, tmp_path)
+    hist, eps = fl_client.spent(tmp_path, cfg.local)
+    assert len(hist) == 2 and eps > r1.epsilon  # the dead round is counted
+    monkeypatch.undo()
+    r2 = fl_client.fit(c, cfg.local, r1.weights, 2, 1, tmp_path)  # the retry: counted once
+    assert len(r2.history) == 2 and r2.epsilon == pytest.approx(eps)
+    with pytest.raises(ConfigError, match="beyond the federation's 3 rounds"):
+        fl_client.fit(c, cfg.local, w, 4, 1, tmp_path)
+
+
+def test_the_server_survives_a_failed_client_and_refuses_too_few(tmp_path, synth):
+    cfg = FLConfig(run=_run(), rounds=1, min_clients=2)
+    clients = partition(synth, cfg.partition)
+    names = [c.name for c in clients]
+    w0 = fl_client.initial_weights(cfg.local)
+
+    def fit_all(rnd, w, bad=1):
+        out = {c.name: fl_client.fit(c, cfg.local, w, rnd, 1, tmp_path / c.name) for c in clients[bad:]}
+        out.update({c.name: DataError(f"site {c.name}: images missing") for c in clients[:bad]})
+        return out
+
+    res = serve(cfg, tmp_path / "fed", names, fit_all, lambda w: {})
+    rows = res.rounds.set_index("client")
+    assert rows.loc[names[0], "status"] == "failed" and "images missing" in rows.loc[names[0], "error"]
+    assert (rows.loc[names[1:], "status"] == "ok").all()
+    assert not torch.equal(res.weights["classifier.weight"], w0["classifier.weight"])
+    with pytest.raises(FederationError, match="fewer than min_clients=2"):
+        serve(cfg, tmp_path / "fed2", names, lambda r, w: fit_all(r, w, bad=3), lambda w: {})
+    assert json.loads((tmp_path / "fed2" / "meta.json").read_text())["status"] == "failed"
+
+
+def _improved(res, cfg, data):
+    clients = partition(data, cfg.partition)
+    before = np.mean([fl_client.evaluate(c, cfg.local, fl_client.initial_weights(cfg.local))["nll"]
+                      for c in clients])
+    last = res.rounds[res.rounds["round"] == cfg.rounds]
+    return float(last["nll"].mean()), float(before)
+
+
+def test_federation_in_one_process_improves_and_resumes(tmp_path, synth):
+    cfg = FLConfig(run=_run(), rounds=2)
+    res = run_federation(cfg, tmp_path, data=synth, progress=False)
+    after, before = _improved(res, cfg, synth)
+    assert after < before and res.meta["status"] == "complete" and res.meta["privacy"] is None
+    again = run_federation(cfg, tmp_path, data=synth, progress=False)  # read back, nothing trained
+    assert all(torch.equal(again.weights[k], res.weights[k]) for k in res.weights)
+
+
+def test_deployment_on_flower_matches_one_process(tmp_path):
+    """Two rounds with four SuperNodes (one per synthetic site): the global model improved,
+    every client's eps is recorded, and it is the in-process federation's model."""
+    from dpskin_core.federated.deploy import deploy
+
+    cfg = FLConfig(name="ci", run=_run(dp=True), rounds=2)
+    data = load_data(DataSpec("synthetic", None, 16, synth_n=400))
+    res = deploy(cfg, tmp_path / "deployed", startup_timeout_s=120, run_timeout_s=600, data=data)
+    assert res.meta["status"] == "complete" and len(res.meta["clients"]) == 4
+    eps = res.meta["privacy"]["client_epsilon"]
+    assert set(eps) == set(SYNTHETIC_SITES) and all(0 < e <= 50.0 + 1e-6 for e in eps.values())
+    assert res.rounds["epsilon"].notna().all()
+    after, before = _improved(res, cfg, data)
+    assert after < before
+    local = run_federation(cfg, tmp_path / "local", data=data, progress=False)
+    for k in res.weights:
+        assert torch.allclose(res.weights[k], local.weights[k], atol=1e-5), k
+
+
+def test_a_supernode_without_a_superlink_fails_in_bounded_time(tmp_path):
+    import time
+
+    from dpskin_core.federated.deploy import free_port, processes, start_supernode, write_connection
+
+    home = write_connection(tmp_path, free_port())
+    with processes(tmp_path, home) as ps:
+        start_supernode(ps, 0, 1, free_port(), max_wait_s=3)
+        t0 = time.monotonic()
+        with pytest.raises(FederationError, match="supernode-0 exited with 1; its log"):
+            while time.monotonic() - t0 < 90:
+                ps.check()
+                time.sleep(0.5)
+        assert time.monotonic() - t0 < 60
+
+
+def test_a_supernode_killed_mid_round_is_counted_and_comes_back(tmp_path):
+    """SuperNode 0 is killed right after its client has counted round 1 (mid-round): the round
+    completes with the other three, the dead client's accountant holds the round; restarted, it
+    serves round 2, and its eps is then the others'."""
+    import time
+
+    from dpskin_core.federated.deploy import Deployment
+
+    cfg = FLConfig(name="faults", run=_run(dp=True), rounds=2, local_epochs=3, min_clients=3,
+                   round_timeout_s=40.0)
+    data = load_data(DataSpec("synthetic", None, 16, synth_n=400))
+    with Deployment(cfg, tmp_path, startup_timeout_s=120, run_timeout_s=600, data=data) as d:
+        first = sorted(c.name for c in partition(data, cfg.partition))[0]
+        acc = d.folder / "clients" / first / "accountant.json"
+        d.submit()
+        t0 = time.monotonic()
+        while not (acc.is_file() and "1" in json.loads(acc.read_text())["rounds"]):
+            assert time.monotonic() - t0 < 300, "round 1 never started"
+            assert not (d.meta_path.is_file() and json.loads(d.meta_path.read_text())["status"] == "failed"), \
+                d.meta_path.read_text()
+            d.ps.check()
+            time.sleep(0.02)
+        d.kill(0)
+        d.restart(0)
+        res = d.wait()
+    rows = res.rounds.set_index(["round", "client"])
+    assert rows.loc[(1, first), "status"] == "no reply"
+    assert (rows.loc[1]["status"] == "ok").sum() == 3
+    assert rows.loc[(2, first), "status"] == "ok"
+    hist, eps = fl_client.spent(d.folder / "clients" / first, cfg.local)
+    assert len(hist) == 2  # both rounds (the dead one counted)
+    others = [e for n, e in res.meta["client_epsilon"].items() if n != first]
+    assert eps == pytest.approx(res.meta["client_epsilon"][first]) and eps == pytest.approx(max(others), rel=0.05)
+
+
+def test_federated_recipes_build_for_every_profile():
+    from dpskin_core.book.registry import load_registry
+    from dpskin_core.federated.recipes import FL_RECIPES, FLPlan
+
+    reg = load_registry()
+    assert FL_RECIPES.names() == ["fedadam", "fedavg", "fedavg-dp"]
+    for profile in reg.profiles:
+        p = reg.params(profile)
+        for name in FL_RECIPES:
+            r = FL_RECIPES.get(name)
+            cfg = r.config(p, FLPlan(rounds=2), seed=1, target_epsilon=3.0 if r.private else None)
+            assert cfg.run.dp == r.private and cfg.run.seed == 1 and cfg.rounds == 2
+            assert cfg.run.target_epsilon == (3.0 if r.private else None)
+            assert cfg.partition.scheme == "site" and cfg.local.lr_schedule == "constant"
