@@ -29,10 +29,10 @@ cost_backbones = ["smallcnn_fast"]  # networks whose first layer's cost is measu
 # %% [markdown]
 # # MpLe: morphed learning, reproduced and attacked
 #
-# MpLe (Onesimu & Karthikeyan 2021) lets a data provider outsource training without showing
+# MpLe {cite:p}`onesimu2021mple` lets a data provider outsource training without showing
 # its images: it *morphs* every image with a secret matrix and the service provider trains on
-# the morphed samples behind an *augmented* first layer. The construction is MoLe's (Shen et
-# al. 2018): the normalised image, zero-padded by one pixel and flattened channel-major into
+# the morphed samples behind an *augmented* first layer. The construction is MoLe's
+# {cite:p}`shen2018mole`: the normalised image, zero-padded by one pixel and flattened channel-major into
 # $x \in \mathbb{R}^d$ ($d = 3 \cdot 34 \cdot 34 = 3468$ at 32 px), is shipped as $z = xM$ with
 # $M$ a dense $d \times d$ matrix of uniform $[0, 1)$ entries (or $\kappa$ equal blocks on its
 # diagonal). The network's first convolution $C_r$, unrolled into a $d \times C_{out}H'W'$
@@ -102,7 +102,7 @@ print(f"{', '.join(nets)} at {P.image_size} px, key {spec.name}, seeds {seeds}, 
 # $C_{ac}$ (the plain network's seeded initialisation) while the rest trains on the morphed
 # data; DP-SGD of chapter {doc}`02_dp_sgd`; and MpLe + DP-SGD, the service provider training
 # on morphed data by DP-SGD (the privacy unit is still one image: its morphed row is one
-# example). Membership inference: the loss-threshold attack (Yeom et al. 2018) on the
+# example). Membership inference: the loss-threshold attack {cite:p}`yeom2018privacy` on the
 # released model, as many training images as test images (the attacks chapter runs the
 # stronger LiRA; this one needs no shadow models).
 
@@ -197,7 +197,9 @@ cost.set_index(["network", "quantity"])[["plain", "mple", "ratio", "unit"]]
 # An attacker holding $N$ training images and their morphed rows (a leaked or guessed subset:
 # images of a public atlas the provider also used) regresses an inverse (least squares from
 # $N = 3 \cdot 32 \cdot 32 = 3072$ pairs on, ridge below) and recovers held-out test images
-# from their morphed rows alone. PSNR and SSIM on the images in $[0, 1]$.
+# from their morphed rows alone. PSNR and SSIM {cite:p}`wang2004ssim` on the images in
+# $[0, 1]$; Carlini et al.'s attack on InstaHide {cite:p}`carlini2021instahide` reached a
+# largest SSIM of 0.90.
 
 # %%
 z_train, _, _ = read_morphed(first.shipped["train"], first.key)
@@ -299,7 +301,8 @@ side
 # %% [markdown]
 # ## The claims against the measurements
 #
-# The published figures (cited, not re-run here) beside what this implementation measures
+# The published figures (cited, not re-run here; GAZELLE is {cite:t}`juvekar2018gazelle`)
+# beside what this implementation measures
 # for the first network; a ratio is the cost relative to plain training or inference.
 
 # %%

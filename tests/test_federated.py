@@ -264,3 +264,16 @@ def test_federated_recipes_build_for_every_profile():
             assert cfg.run.dp == r.private and cfg.run.seed == 1 and cfg.rounds == 2
             assert cfg.run.target_epsilon == (3.0 if r.private else None)
             assert cfg.partition.scheme == "site" and cfg.local.lr_schedule == "constant"
+
+
+def test_membership_inference_on_the_global_model(tmp_path, synth):
+    from dpskin_core.federated.study import global_membership
+
+    cfg = FLConfig(run=_run(), rounds=1)
+    res = run_federation(cfg, tmp_path, data=synth, progress=False)
+    clients = partition(synth, cfg.partition)
+    m = global_membership(res.config, res.weights, clients)
+    assert set(m["client"]) == {c.name for c in clients if len(c.data.y_test)}
+    assert m["auc"].between(0, 1).all() and (m["n_members"] > 0).all()
+    assert (m["n_members"] == [min(len(c.data.y_train), len(c.data.y_test))
+                               for c in clients if len(c.data.y_test)]).all()

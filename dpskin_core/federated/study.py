@@ -63,11 +63,48 @@ def local_only(cfg: FLConfig, clients: List[Client], runs_root: Optional[PathLik
     return pd.DataFrame(rows)
 
 
+def global_membership(cfg: FLConfig, weights, clients: List[Client], seed: int = 0) -> pd.DataFrame:
+    """Loss-threshold membership inference (Yeom et al. 2018) on the global model, at each
+    client: as many of its training images (random, public seed) as its test images, members
+    vs non-members; one row per client (AUC, TPR at 1 % FPR)."""
+    import numpy as np
+    import torch
+
+    from ..attacks.membership import MIAData, membership_scores, mia_metrics
+    from ..constants import CLASSES
+    from ..training.backbones import build_backbone
+    from ..training.frontends import Inputs
+    from ..training.trainer import pick_device
+
+    local = cfg.local
+    device = pick_device(local.device)
+    model = build_backbone(local.backbone, num_classes=len(CLASSES)).to(device)
+    model.load_state_dict(weights)
+    model.eval()
+    rows = []
+    for c in clients:
+        n = min(len(c.data.y_train), len(c.data.y_test))
+        if n == 0:
+            continue
+        pick = np.random.default_rng(seed).choice(len(c.data.y_train), n, replace=False)
+        inputs = Inputs(local, c.data, device)
+        with torch.no_grad():
+            logits = [model(inputs.eval(x)).double().cpu().numpy()
+                      for x in (inputs.train_x[torch.as_tensor(pick)], inputs.eval_x[:n])]
+        d = MIAData(np.concatenate(logits)[:, None, :], np.r_[c.data.y_train[pick], c.data.y_test[:n]])
+        m = mia_metrics(membership_scores("loss_threshold", d), np.r_[np.ones(n, bool), np.zeros(n, bool)])
+        rows.append({"client": c.name, "n_members": n, "auc": m.auc, "tpr_at_1%_fpr": m.tpr_at_fpr[0.01]})
+    return pd.DataFrame(rows)
+
+
 def sweep(p, plan: FLPlan, seeds: Sequence[int], epsilons: Sequence[float],
-          runs_root: Optional[PathLike] = None, verbose: bool = True) -> pd.DataFrame:
+          runs_root: Optional[PathLike] = None, verbose: bool = True,
+          with_membership: Optional[List[Client]] = None):
     """Every federated recipe (:data:`FL_RECIPES`) at every seed (and budget, if private):
-    their per-round, per-client rows, with ``training``, ``seed`` and ``budget``."""
-    out = []
+    their per-round, per-client rows, with ``training``, ``seed`` and ``budget``; with
+    ``with_membership`` (the clients), also the global models' membership inference rows:
+    then a pair (rounds, membership)."""
+    out, with_membership_rows = [], []
     for name in FL_RECIPES.names():
         r = FL_RECIPES.get(name)
         for seed in seeds:
@@ -77,11 +114,18 @@ def sweep(p, plan: FLPlan, seeds: Sequence[int], epsilons: Sequence[float],
                 rows = res.rounds.assign(training=r.label, seed=seed,
                                          budget=f"ε = {eps:g}" if eps else "∞")
                 out.append(rows)
+                if with_membership is not None:
+                    mia = global_membership(res.config, res.weights, with_membership, seed)
+                    with_membership_rows.append(mia.assign(training=r.label, seed=seed,
+                                                           budget=rows["budget"].iloc[0]))
                 if verbose:
                     last = rows[rows["round"] == plan.rounds]
                     print(f"{r.label} seed {seed} {rows['budget'].iloc[0]}: mean balanced accuracy "
                           f"{last['balanced_accuracy'].mean():.3f} ({res.folder.name})", flush=True)
-    return pd.concat(out, ignore_index=True)
+    rounds = pd.concat(out, ignore_index=True)
+    if with_membership is None:
+        return rounds
+    return rounds, pd.concat(with_membership_rows, ignore_index=True)
 
 
 def references(cfg_of_seed, clients: List[Client], seeds: Sequence[int],
@@ -96,4 +140,4 @@ def references(cfg_of_seed, clients: List[Client], seeds: Sequence[int],
     return pd.concat(frames, ignore_index=True)
 
 
-__all__ = ["local_only", "pooled", "references", "sweep"]
+__all__ = ["global_membership", "local_only", "pooled", "references", "sweep"]
