@@ -310,6 +310,25 @@ def membership_experiment(
                                 shadow_results, idx)
 
 
+# --------------------------------------------------------------------------------------
+# a released model against its own training and held-out data (no shadow models)
+# --------------------------------------------------------------------------------------
+def heldout_members(n_train: int, n_heldout: int, seed: int) -> np.ndarray:
+    """As many training indices (random, from the public ``seed``) as held-out examples: the
+    members of a balanced game whose non-members are the first ``len`` held-out ones."""
+    return np.random.default_rng(seed).choice(n_train, min(n_train, n_heldout), replace=False)
+
+
+def loss_threshold_game(logits_members: np.ndarray, y_members: np.ndarray,
+                        logits_out: np.ndarray, y_out: np.ndarray) -> Dict[str, Any]:
+    """Loss-threshold membership inference (Yeom et al. 2018) on a released model's logits
+    (N, C), members against non-members: :meth:`MIAResult.summary`."""
+    d = MIAData(np.concatenate([logits_members, logits_out])[:, None, :], np.r_[y_members, y_out])
+    members = np.r_[np.ones(len(y_members), bool), np.zeros(len(y_out), bool)]
+    return mia_metrics(membership_scores("loss_threshold", d), members, "loss_threshold").summary()
+
+
 __all__ = ["MEMBERSHIP_ATTACKS", "MIAData", "MIAResult", "MembershipExperiment", "half_masks",
+           "heldout_members", "loss_threshold_game",
            "lira_offline", "lira_online", "loss_threshold", "membership_experiment",
            "membership_scores", "mia_metrics", "roc_curve", "tpr_at_fpr"]

@@ -67,10 +67,9 @@ def global_membership(cfg: FLConfig, weights, clients: List[Client], seed: int =
     """Loss-threshold membership inference (Yeom et al. 2018) on the global model, at each
     client: as many of its training images (random, public seed) as its test images, members
     vs non-members; one row per client (AUC, TPR at 1 % FPR)."""
-    import numpy as np
     import torch
 
-    from ..attacks.membership import MIAData, membership_scores, mia_metrics
+    from ..attacks.membership import heldout_members, loss_threshold_game
     from ..constants import CLASSES
     from ..training.backbones import build_backbone
     from ..training.frontends import Inputs
@@ -83,17 +82,17 @@ def global_membership(cfg: FLConfig, weights, clients: List[Client], seed: int =
     model.eval()
     rows = []
     for c in clients:
-        n = min(len(c.data.y_train), len(c.data.y_test))
+        pick = heldout_members(len(c.data.y_train), len(c.data.y_test), seed)
+        n = len(pick)
         if n == 0:
             continue
-        pick = np.random.default_rng(seed).choice(len(c.data.y_train), n, replace=False)
         inputs = Inputs(local, c.data, device)
         with torch.no_grad():
-            logits = [model(inputs.eval(x)).double().cpu().numpy()
-                      for x in (inputs.train_x[torch.as_tensor(pick)], inputs.eval_x[:n])]
-        d = MIAData(np.concatenate(logits)[:, None, :], np.r_[c.data.y_train[pick], c.data.y_test[:n]])
-        m = mia_metrics(membership_scores("loss_threshold", d), np.r_[np.ones(n, bool), np.zeros(n, bool)])
-        rows.append({"client": c.name, "n_members": n, "auc": m.auc, "tpr_at_1%_fpr": m.tpr_at_fpr[0.01]})
+            lm, lo = (model(inputs.eval(x)).double().cpu().numpy()
+                      for x in (inputs.train_x[torch.as_tensor(pick)], inputs.eval_x[:n]))
+        m = loss_threshold_game(lm, c.data.y_train[pick], lo, c.data.y_test[:n])
+        rows.append({"client": c.name, "n_members": n, "auc": m["auc"],
+                     "tpr_at_1%_fpr": m["tpr_at_fpr_0.01"]})
     return pd.DataFrame(rows)
 
 

@@ -88,7 +88,7 @@ def cost(model: nn.Module, key: MorphKey, x: torch.Tensor, x_uint8: np.ndarray,
     t = time.perf_counter()
     z = morph(xb, key)
     morph_ms = 1e3 * (time.perf_counter() - t) / len(xb)
-    conv, _ = split_first_conv(model)
+    conv, rest = split_first_conv(model)
     t = time.perf_counter()
     perm = permutation(conv.out_channels, perm_seed)
     aug = AugmentedConv.from_conv(conv, key, perm)
@@ -104,7 +104,7 @@ def cost(model: nn.Module, key: MorphKey, x: torch.Tensor, x_uint8: np.ndarray,
     k = conv.kernel_size
     row("first layer: multiply-adds", conv.out_channels * h * w * conv.in_channels * k[0] * k[1],
         key.d * conv.out_channels * h * w, "per image")
-    net = MpLeModel(aug, split_first_conv(model)[1])
+    net = MpLeModel(aug, rest)
     model.eval(), net.eval()
     with torch.no_grad():
         row("first layer: forward", _ms_per_image(conv, xb, repeats), _ms_per_image(aug, z, repeats),

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..attacks.membership import heldout_members, loss_threshold_game
 from ..constants import CLASSES
 from ..data.datasets import DataBundle, load_data
 from ..errors import ConfigError
@@ -172,30 +173,14 @@ class MpleRun:
     membership: Dict[str, Any]
 
 
-def _membership(logits_members: np.ndarray, y_members: np.ndarray, logits_out: np.ndarray,
-                y_out: np.ndarray) -> Dict[str, Any]:
-    """Loss-threshold membership inference (Yeom et al.) on a released model's logits:
-    members vs non-members, as many of each."""
-    from ..attacks.membership import MIAData, membership_scores, mia_metrics
-
-    d = MIAData(np.concatenate([logits_members, logits_out])[:, None, :], np.r_[y_members, y_out])
-    members = np.r_[np.ones(len(y_members), bool), np.zeros(len(y_out), bool)]
-    return mia_metrics(membership_scores("loss_threshold", d), members, "loss_threshold").summary()
-
-
-def _members(n_train: int, n_test: int, seed: int) -> np.ndarray:
-    """As many training images (random, public seed) as test images: the membership game."""
-    return np.random.default_rng(seed).choice(n_train, min(n_train, n_test), replace=False)
-
-
 def plain_membership(run_dir: PathLike, data: DataBundle) -> Dict[str, Any]:
     """:func:`train`'s membership inference on a plain run (its released model on images)."""
     from ..attacks.victims import load_trained
 
     m = load_trained(run_dir)
-    pick = _members(len(data.y_train), len(data.y_test), m.config.seed)
+    pick = heldout_members(len(data.y_train), len(data.y_test), m.config.seed)
     n = len(pick)
-    return _membership(m.logits(data.x_train[pick]), data.y_train[pick],
+    return loss_threshold_game(m.logits(data.x_train[pick]), data.y_train[pick],
                        m.logits(data.x_test[:n]), data.y_test[:n])
 
 
@@ -227,11 +212,11 @@ def train(cfg: RunConfig, spec: MpleSpec = MpleSpec(), runs_root: Optional[PathL
                                      cfg.early_stopping_patience is not None)
     model.load_state_dict(weights)
     model.eval()
-    pick = _members(len(ys["train"]), len(ys["test"]), cfg.seed)
+    pick = heldout_members(len(ys["train"]), len(ys["test"]), cfg.seed)
     with torch.no_grad():
         lm, lo = (model(torch.from_numpy(f)).double().numpy()
                   for f in (feats["train"][pick], feats["test"][:len(pick)]))
-    mia = _membership(lm, ys["train"][pick], lo, ys["test"][:len(pick)])
+    mia = loss_threshold_game(lm, ys["train"][pick], lo, ys["test"][:len(pick)])
     write_json(mia_path, mia)
     return MpleRun(result, read_json(folder / "key.json"), mia)
 
