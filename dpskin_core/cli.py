@@ -4,7 +4,7 @@
     dpskin runs [--runs DIR]
     dpskin data synth --n N --size S --out DIR [--seed K]
     dpskin download {isic2018,dermamnist} --dest DIR [--base-url URL]
-    dpskin book [--profile smoke|cpu|gpu] [--only NAME ...] [--no-build] [--force]
+    dpskin book [--profile smoke|cpu|gpu] [--only NAME ...] [--no-build] [--force] [--pdf]
 """
 from __future__ import annotations
 
@@ -100,8 +100,11 @@ def _cmd_download(args: argparse.Namespace) -> int:
 def _cmd_book(args: argparse.Namespace) -> int:
     from .book.runner import run_book
 
+    if args.pdf and args.no_build:
+        print("dpskin book: --pdf builds the book; it cannot go with --no-build", file=sys.stderr)
+        return 2
     report = run_book(args.profile, only=args.only or None, build=not args.no_build,
-                      force=args.force)
+                      force=args.force, pdf=args.pdf)
     return 0 if report.ok else 1
 
 
@@ -164,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="execute only this experiment (repeatable), e.g. --only 01_baseline")
     b.add_argument("--no-build", action="store_true", help="execute notebooks, skip jupyter-book")
+    b.add_argument("--pdf", action="store_true",
+                   help="also build the dissertation PDF through LaTeX (_build/latex/dpskin.pdf; "
+                        "needs XeLaTeX and latexmk, see the README)")
     b.add_argument("--force", action="store_true",
                    help="re-execute notebooks even when their hash matches")
     b.set_defaults(func=_cmd_book)

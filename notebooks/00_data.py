@@ -11,13 +11,6 @@
 #     name: python3
 # ---
 
-# %% tags=["parameters"]
-# Parameters (papermill injects the values of an execution after this cell). The profile's
-# parameters come from experiments.yml; `overrides` changes some of them, e.g.
-# {"epochs": 2, "seeds": [0]}.
-profile = "smoke"
-overrides = {}
-
 # %% [markdown]
 # # The data
 #
@@ -34,6 +27,13 @@ overrides = {}
 # training split would undo the noisy class histogram that the proposed technique releases),
 # and no run record of a private model holds one.
 # ```
+
+# %% tags=["parameters"]
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them, e.g.
+# {"epochs": 2, "seeds": [0]}.
+profile = "smoke"
+overrides = {}
 
 # %% tags=["remove-cell"]
 from pathlib import Path
@@ -87,6 +87,8 @@ glue("ham_total", sum(HAM10000_COUNTS.values()), display=False)
 # why the official metric is the *balanced* accuracy (the mean recall over the seven classes):
 # a model that always answers NV has a plain accuracy equal to the NV share but a balanced
 # accuracy of 1/7.
+#
+# {numref}`fig-class-distribution` shows it.
 
 # %%
 ham = pd.Series(HAM10000_COUNTS).reindex(CLASSES)
@@ -98,7 +100,7 @@ dist = pd.DataFrame({
 dist.index.name = "class"
 dist.round(2)
 
-# %%
+# %% mystnb={"figure": {"caption": "Share of each class in this data set and in HAM10000.", "name": "fig-class-distribution"}}
 fig, ax = plt.subplots(figsize=(7, 3.2))
 plot = dist.reset_index().melt(id_vars="class", value_vars=["this data set (%)", "HAM10000 (%)"],
                                var_name="source", value_name="share (%)")
@@ -114,8 +116,10 @@ fig.tight_layout()
 # A few images of every class, centre-cropped to a square and resized: each at a readable size
 # (left of each pair) and at the {glue:text}`image_size` px the models of this profile see
 # (right).
+#
+# {numref}`fig-sample-images` shows it.
 
-# %%
+# %% mystnb={"figure": {"caption": "Sample images of every class, at a readable size and at the training resolution.", "name": "fig-sample-images"}}
 per_class, show_px = 4, 96
 rng = np.random.default_rng(0)
 fig, axes = plt.subplots(len(CLASSES), 2 * per_class, figsize=(2 * per_class * 1.05, len(CLASSES) * 1.1))

@@ -11,14 +11,6 @@
 #     name: python3
 # ---
 
-# %% tags=["parameters"]
-# Parameters (papermill injects the values of an execution after this cell). The profile's
-# parameters come from experiments.yml; `overrides` changes some of them, e.g.
-# {"epochs": 2, "seeds": [0]}.
-profile = "smoke"
-overrides = {}
-optimizers = ["sgd", "adam"]
-
 # %% [markdown]
 # # Non-private baseline
 #
@@ -31,6 +23,14 @@ optimizers = ["sgd", "adam"]
 # parameter): a non-private model may read the class counts of its training data, and without
 # the weights it would mostly answer NV. Private runs cannot use these weights (the counts are
 # private data; see the Methods chapter).
+
+# %% tags=["parameters"]
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them, e.g.
+# {"epochs": 2, "seeds": [0]}.
+profile = "smoke"
+overrides = {}
+optimizers = ["sgd", "adam"]
 
 # %% tags=["remove-cell"]
 import matplotlib.pyplot as plt
@@ -104,8 +104,10 @@ glue("best_auc", best_runs["auc_macro"].mean(), display=False)
 # Validation balanced accuracy and validation loss after each epoch (mean over seeds, band:
 # ± one standard deviation); the private chapters show the same curves (a DP run records no
 # loss of its private training batches).
+#
+# {numref}`fig-baseline-curves` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Validation balanced accuracy and loss of the non-private references after each epoch (mean over seeds).", "name": "fig-baseline-curves"}}
 metrics = load_metrics(P.runs_root)
 figures.training_curves(metrics, runs, sorted(runs["method"].unique()), hue="method")
 plt.show()
@@ -125,8 +127,10 @@ recall.pivot_table(index=["backbone", "method"], columns="class", values="recall
 # ## Confusion matrix
 #
 # Of the best model, summed over its seeds and normalised per true class (rows sum to 1).
+#
+# {numref}`fig-confusion` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Confusion matrix of the best non-private model, summed over its seeds, normalised per true class.", "name": "fig-confusion"}}
 cm = sum(confusion_matrix(p["label"].to_numpy(), p["pred"].to_numpy(), len(CLASSES))
          for p in (load_predictions(d) for d in best_runs["run_dir"]))
 cm_norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)

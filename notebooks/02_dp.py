@@ -11,15 +11,6 @@
 #     name: python3
 # ---
 
-# %% tags=["parameters"]
-# Parameters (papermill injects the values of an execution after this cell). The profile's
-# parameters come from experiments.yml; `overrides` changes some of them, e.g.
-# {"epochs": 2, "seeds": [0]}. This one source is executed twice by the registry: the DP-SGD
-# chapter (optimizer = "sgd") and the DP-Adam chapter (optimizer = "adam").
-profile = "smoke"
-overrides = {}
-optimizer = "sgd"
-
 # %% [markdown]
 # # Training with DP
 #
@@ -31,6 +22,15 @@ optimizer = "sgd"
 # (the moments are post-processing) and only the utility differs. The noise multiplier of each
 # run is derived from its target $(\varepsilon, \delta)$, its sampling rate and its number of
 # steps (see the Methods chapter) and read back from its record.
+
+# %% tags=["parameters"]
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them, e.g.
+# {"epochs": 2, "seeds": [0]}. This one source is executed twice by the registry: the DP-SGD
+# chapter (optimizer = "sgd") and the DP-Adam chapter (optimizer = "adam").
+profile = "smoke"
+overrides = {}
+optimizer = "sgd"
 
 # %% tags=["remove-cell"]
 import matplotlib.pyplot as plt
@@ -98,7 +98,7 @@ for key, value in figures.dp_headline(runs, b0, epsilons).items():
 # private training batches: those are computed on the training data without noise, and
 # publishing them would release statistics of the training split outside the guarantee.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Validation balanced accuracy and loss after each epoch, per privacy budget (mean over seeds)."}}
 figures.training_curves(metrics, runs, budget_order)
 plt.show()
 
@@ -109,7 +109,7 @@ plt.show()
 # grows sub-linearly in the number of steps and reaches the target exactly at the end: the
 # noise multiplier was chosen for that.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "The accountant's ε after each epoch against the noisy steps taken."}}
 figures.eps_over_steps_figure(metrics, runs, epsilons, delta, f"{DP_NAME}: ε spent over training");
 
 # %% [markdown]
@@ -117,7 +117,7 @@ figures.eps_over_steps_figure(metrics, runs, epsilons, delta, f"{DP_NAME}: ε sp
 #
 # Mean ± one standard deviation over seeds; dashed: the non-private model of each backbone.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Test balanced accuracy against the privacy budget (mean ± std over seeds); dashed: the non-private model."}}
 runs["model"] = [f"{DP_NAME}, {b}" if dp else f"non-private, {b}"
                  for dp, b in zip(runs["dp"].astype(bool), runs["backbone"])]
 figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
@@ -132,7 +132,7 @@ figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
 wide = figures.recall_drop(runs, b0, epsilons, budget_order)
 wide
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Recall of every class without privacy and at each budget (mean over seeds)."}}
 figures.recall_drop_figure(wide);
 
 # %% tags=["remove-cell"]
@@ -148,7 +148,7 @@ glue("best_drop", float(drop_lo.min()), display=False)
 # {glue:text}`best_class` ({glue:text}`best_drop:.2f`; a negative drop is a gain). Under DP,
 # gradients of rare classes are clipped and drowned in the same noise as those of the frequent
 # ones, so models drift towards the majority classes: a known disparate effect of DP-SGD
-# (Bagdasaryan et al., 2019).
+# {cite:p}`bagdasaryan2019disparate`.
 
 # %% [markdown]
 # ## The privacy unit: one image or one lesion

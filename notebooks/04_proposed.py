@@ -11,14 +11,6 @@
 #     name: python3
 # ---
 
-# %% tags=["parameters"]
-# Parameters (papermill injects the values of an execution after this cell). The profile's
-# parameters come from experiments.yml; `overrides` changes some of them, e.g.
-# {"epochs": 2, "seeds": [0]}.
-profile = "smoke"
-overrides = {}
-ablation_epsilons = [8.0]
-
 # %% [markdown]
 # # The proposed technique
 #
@@ -31,14 +23,22 @@ ablation_epsilons = [8.0]
 #    so DP noise is spent on a linear head with few parameters instead of a CNN;
 # 2. **logit adjustment by a private class histogram**: the class counts of the training set
 #    are released once with the Gaussian mechanism and the loss is logit-adjusted by their log
-#    (Menon et al., 2021), aiming the model at *balanced* accuracy; the release is composed
+#    {cite:p}`menon2021logit`, aiming the model at *balanced* accuracy; the release is composed
 #    into the reported $\varepsilon$;
 # 3. **large batches, many steps, EMA of the weights**: DP-SGD with batches of
 #    {glue:text}`proposed_batch_size` and an exponential moving average of the weights
-#    (post-processing, free of privacy cost).
+#    (post-processing, free of privacy cost), levers of {cite:t}`de2022unlocking`.
 #
 # It is compared with non-private training, DP-SGD and DP-Adam of the end-to-end backbone on the
 # same split, at every budget of the profile, and each component is removed in turn.
+
+# %% tags=["parameters"]
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them, e.g.
+# {"epochs": 2, "seeds": [0]}.
+profile = "smoke"
+overrides = {}
+ablation_epsilons = [8.0]
 
 # %% tags=["remove-cell"]
 import matplotlib.pyplot as plt
@@ -135,8 +135,10 @@ glue("ratio_hi", bacc(PROPOSED, e_hi) / np_ref, display=False)
 # non-private model of that network ({glue:text}`np_ref:.3f`). At $\varepsilon$ =
 # {glue:text}`eps_lo:g` it reaches {glue:text}`prop_lo:.3f` ({glue:text}`gain_lo:+.3f` against
 # the better DP optimiser). Means over {glue:text}`n_seeds` seeds or more.
+#
+# {numref}`fig-proposed-vs-eps` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Test balanced accuracy against ε of the proposed technique, its ablations and the end-to-end DP optimisers (mean ± std over seeds).", "name": "fig-proposed-vs-eps"}}
 figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
 
 # %% [markdown]
@@ -186,8 +188,10 @@ glue("abl_worst_drop", drops[worst], display=False)
 # Mean test recall over seeds at the largest budget, for the end-to-end DP optimisers, the
 # proposed technique and the non-private models: logit adjustment moves recall from NV to the
 # rare classes.
+#
+# {numref}`fig-proposed-recall` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Test recall per class at the largest budget (mean over seeds).", "name": "fig-proposed-recall"}}
 sel = runs[(runs["ε"] == e_hi) | ~np.isfinite(runs["ε"])]
 rec = recall_by_class(sel, ["model"])
 fig, ax = plt.subplots(figsize=(8, 3.6))

@@ -11,6 +11,30 @@
 #     name: python3
 # ---
 
+# %% [markdown]
+# # Privacy attacks
+#
+# The premise of private training is that a trained model leaks its training data. This
+# chapter measures the leak, for the non-private model, the end-to-end DP models at each budget
+# $\varepsilon$ of the profile and the proposed technique, with four attacks:
+#
+# 1. **membership inference**: given an image and the model, was the image in its training
+#    set? The loss-threshold attack {cite:p}`yeom2018privacy` and the likelihood-ratio attack LiRA
+#    {cite:p}`carlini2022membership` with shadow models, offline (only shadows that did not train on
+#    the image) and online (also those that did);
+# 2. **model extraction**: an attacker with black-box access to the model's probabilities
+#    trains a copy of it (a "copycat" or "knockoff" network) on its answers to images of a pool
+#    disjoint from the training data;
+# 3. **reconstruction**: recovering images from the model (model inversion of each class) or
+#    from the gradient of one training image (gradient inversion {cite:p}`geiping2020inverting`), the
+#    gradient being either the raw one or the clipped and noised one DP-SGD releases;
+# 4. **an empirical privacy audit**: canaries are inserted into one training run and the
+#    success of guessing which were included gives a lower bound on the $\varepsilon$ of that
+#    run {cite:p}`steinke2023privacy`, to be compared with the accountant's upper bound.
+#
+# Every attacked model gets a *privacy card* next to its run record: its guarantee and the
+# measured attack results.
+
 # %% tags=["parameters"]
 # Parameters (papermill injects the values of an execution after this cell). The profile's
 # parameters (the attacked recipes and their attack_* / overfit_* sizes) come from
@@ -28,30 +52,6 @@ synthetic_pool_size = 300
 inversion_steps = 50
 gradient_inversion_steps = 100
 audit_canaries = 100
-
-# %% [markdown]
-# # Privacy attacks
-#
-# The premise of private training is that a trained model leaks its training data. This
-# chapter measures the leak, for the non-private model, the end-to-end DP models at each budget
-# $\varepsilon$ of the profile and the proposed technique, with four attacks:
-#
-# 1. **membership inference**: given an image and the model, was the image in its training
-#    set? The loss-threshold attack (Yeom et al., 2018) and the likelihood-ratio attack LiRA
-#    (Carlini et al., 2022) with shadow models, offline (only shadows that did not train on
-#    the image) and online (also those that did);
-# 2. **model extraction**: an attacker with black-box access to the model's probabilities
-#    trains a copy of it (a "copycat" or "knockoff" network) on its answers to images of a pool
-#    disjoint from the training data;
-# 3. **reconstruction**: recovering images from the model (model inversion of each class) or
-#    from the gradient of one training image (gradient inversion, Geiping et al., 2020), the
-#    gradient being either the raw one or the clipped and noised one DP-SGD releases;
-# 4. **an empirical privacy audit**: canaries are inserted into one training run and the
-#    success of guessing which were included gives a lower bound on the $\varepsilon$ of that
-#    run (Steinke, Nasr & Jagielski, 2023), to be compared with the accountant's upper bound.
-#
-# Every attacked model gets a *privacy card* next to its run record: its guarantee and the
-# measured attack results.
 
 # %% tags=["remove-cell"]
 import os
@@ -155,7 +155,7 @@ glue("accountant", {"rdp": "RDP", "prv": "PRV"}.get(P.attack_accountant, P.attac
 # the scores gives the ROC curve. The table reports its area (AUC; 0.5 is a random guess), the
 # best balanced accuracy of a threshold, and the true-positive rate at a false-positive rate of
 # 0.1 % and 1 %: an attack that identifies a few members with confidence is a privacy breach
-# even at an AUC near 0.5 (Carlini et al., 2022). With $n$ non-members, no FPR below $1/n$ can
+# even at an AUC near 0.5 {cite:p}`carlini2022membership`. With $n$ non-members, no FPR below $1/n$ can
 # be measured, and a TPR at a smaller FPR is that of zero false positives.
 
 # %%
@@ -200,8 +200,10 @@ glue("dp_auc_min", float(dp_best.min()) if len(dp_best) else np.nan, display=Fal
 # {glue:text}`n_nonmembers` non-members the smallest measurable FPR is
 # {glue:text}`min_fpr:.2g`; AUCs are estimated from as many images, so differences of a few
 # hundredths are within their sampling error.
+#
+# {numref}`fig-mia-roc` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "ROC curves of the membership-inference attacks on every attacked model (log scale).", "name": "fig-mia-roc"}}
 figures.roc_figure({label: exp.results for label, exp in mia.items()});
 
 # %% [markdown]
@@ -250,8 +252,10 @@ glue("ext_fid_max_victim", f"{row['victim']} ({row['pool']} pool)", display=Fals
 # {glue:text}`ext_fid_max:.3f` ({glue:text}`ext_fid_max_victim`). DP protects the training
 # records, not the function the model computes: a private model answering queries can be
 # copied like any other, and a copy is as private as its victim (post-processing) but no more.
+#
+# {numref}`fig-extraction` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Fidelity of the extracted models against the number of queries.", "name": "fig-extraction"}}
 figures.extraction_figure(ext);
 
 # %% [markdown]
@@ -260,7 +264,7 @@ figures.extraction_figure(ext);
 # ### Model inversion
 #
 # For each class, an image is optimised from grey to maximise the model's log-probability of
-# that class minus a total-variation penalty (Fredrikson et al., 2015). The first row is the
+# that class minus a total-variation penalty {cite:p}`fredrikson2015model`. The first row is the
 # mean training image of each class; PSNR (dB) and SSIM compare each inversion with that mean
 # and with the most similar training image of its class. Only models on pixels can be inverted
 # this way: the proposed model sees a colour histogram of the image, and an inversion would
@@ -295,7 +299,7 @@ glue("inv_dp_ssim", max((v for m, v in inv_ssim.items() if models[m].dp), defaul
 # most {glue:text}`inv_dp_ssim:.3f` (1 is identical; unrelated images score near 0). An
 # inversion shows what the model responds to, rarely a recognisable training image.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Model inversion: the image each model makes of every class, beside a training image of it."}}
 if inversions:
     mx, my = next(iter(mia.values())).member_images(data)
     means = np.stack([mx[my == c].mean(0) / 255 if (my == c).any() else np.full(mx.shape[1:], .5)
@@ -309,7 +313,7 @@ if inversions:
 #
 # An attacker who sees the gradient of one training image (a federated client's update, or a
 # batch of one) optimises an image whose gradient points the same way (cosine distance plus a
-# total-variation prior; Geiping et al., 2020). It is run at the weights of the non-private
+# total-variation prior; {cite:p}`geiping2020inverting`). It is run at the weights of the non-private
 # model, once on the raw gradient and once on the release DP-SGD makes of it at each budget:
 # clipped to norm $C$ and noised with the noise multiplier $\sigma$ of the DP-SGD model at that
 # budget. The image and the weights are the same in every column; only the release differs.
@@ -333,7 +337,7 @@ if gi_model is not None:
 gi_table = pd.DataFrame([{"release": k, **r.summary()} for k, r in grad_inv.items()])
 gi_table.set_index("release")[["psnr", "ssim", "cosine", "noise_multiplier"]].round(3)
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Gradient inversion of one training image from its raw gradient and from DP-SGD's releases of it."}}
 if grad_inv:
     first = next(iter(grad_inv.values()))
     ims = np.stack([first.truth] + [r.reconstruction for r in grad_inv.values()])
@@ -362,8 +366,8 @@ glue("gi_dp_psnr_max", max((r.psnr for r in dp_gi), default=np.nan), display=Fal
 # {glue:text}`n_canaries` canaries (images of random colour blocks with random labels), each
 # included with probability 1/2. The auditor guesses "included" for the canaries the model is
 # most confident on and "excluded" for the least, abstaining on the rest; the number of correct
-# guesses rejects every $\varepsilon$ too small to explain it, at 95 % confidence (Steinke,
-# Nasr & Jagielski, 2023). The lower bound must not exceed the accountant's $\varepsilon$; it
+# guesses rejects every $\varepsilon$ too small to explain it, at 95 % confidence
+# {cite:p}`steinke2023privacy`. The lower bound must not exceed the accountant's $\varepsilon$; it
 # is capped by the number of guesses (the last column: the bound if every guess were right),
 # so a small audit cannot show a large leak.
 
@@ -398,8 +402,10 @@ glue("audit_valid", "every" if (dp_aud["ε lower bound"] <= dp_aud["ε (accounta
 # {glue:text}`n_canaries` canaries can show; the largest bound on a private model is
 # {glue:text}`dp_eps_lb_max:.2f`, and {glue:text}`audit_valid` private model's bound is at
 # most its accountant's $\varepsilon$.
+#
+# {numref}`fig-audit` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "One-run privacy audit: the lower bound on ε of each model against the ε its accountant reports.", "name": "fig-audit"}}
 figures.audit_figure(aud_table);
 
 # %% [markdown]

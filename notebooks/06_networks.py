@@ -11,14 +11,6 @@
 #     name: python3
 # ---
 
-# %% tags=["parameters"]
-# Parameters (papermill injects the values of an execution after this cell). The profile's
-# parameters come from experiments.yml; `overrides` changes some of them.
-profile = "smoke"
-overrides = {}
-loso_backbones = None  # networks of the leave-one-site-out runs (None: the profile's first)
-loso_seeds = None      # their seeds (None: the profile's seeds)
-
 # %% [markdown]
 # # What DP costs each network
 #
@@ -30,6 +22,14 @@ loso_seeds = None      # their seeds (None: the profile's seeds)
 # (DP-SGD with SGD, DP-Adam with Adam); ε = ∞ is that reference. Then how the non-private
 # references generalise to another acquisition site (leave-one-site-out), a question DP
 # cannot answer for them but the dissertation must.
+
+# %% tags=["parameters"]
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them.
+profile = "smoke"
+overrides = {}
+loso_backbones = None  # networks of the leave-one-site-out runs (None: the profile's first)
+loso_seeds = None      # their seeds (None: the profile's seeds)
 
 # %% tags=["remove-cell"]
 import matplotlib.pyplot as plt
@@ -94,8 +94,10 @@ glue("n_min", int(table["n"].min()), display=False)
 # the same norm per coordinate for every network, so its total grows with the number of
 # parameters while the clipped signal does not: large networks trained from scratch pay most,
 # unless their extra capacity buys more than the noise costs.
+#
+# {numref}`fig-networks-drop` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Test balanced accuracy of every network at every budget and its drop from the non-private reference.", "name": "fig-networks-drop"}}
 long = drop.drop_long(runs)
 drop.drop_figure(long)
 plt.show()
@@ -107,7 +109,7 @@ plt.show()
 # budget. DP pulls models toward the frequent classes (NV above all): the rare classes'
 # clipped gradients drown in the same noise.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Recall drop per class of one network at each budget."}}
 for e in sorted({eps_lo, eps_hi}):
     rd = drop.recall_drop_by_network(runs, e)
     if not rd.empty:

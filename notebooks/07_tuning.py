@@ -11,6 +11,26 @@
 #     name: python3
 # ---
 
+# %% [markdown]
+# # Tuning DP training privately
+#
+# The DP chapters train one hand-chosen configuration per budget. Choosing it by looking at
+# the validation results of DP runs uses the training data once more, and a careful reader
+# should ask what that choice cost. Here the choice is made by a private random search
+# {cite:p}`papernot2022hyperparameter`: the
+# number of trials $K$ is drawn at random from a truncated negative binomial distribution
+# $\mathcal{D}(\eta, \gamma)$, each trial draws its learning rate, expected batch size,
+# number of epochs and clipping bound uniformly from the space below and is a full DP run at
+# the budget's target $\varepsilon$, and only the trial with the best validation balanced
+# accuracy is released. Releasing the best of a *fixed* number of trials would cost that many
+# runs; the random $K$ costs a trial plus a term in $\log \mathbb{E}[K]$.
+#
+# What is secret, because the analysis assumes it: $K$, the trials' hyperparameters and seeds
+# (drawn from operating-system entropy kept in the search's private folder) and every losing
+# trial. Nothing in this chapter counts the trials. Not protected: the search's wall time,
+# which grows with $K$, and the validation split that scores the trials (as every evaluation
+# in this book).
+
 # %% tags=["parameters"]
 # Parameters (papermill injects the values of an execution after this cell). The profile's
 # parameters come from experiments.yml; `overrides` changes some of them. `search` is the
@@ -24,26 +44,6 @@ search_recipes = ["dp-sgd"]
 search_backbones = None
 search_epsilons = [8.0]
 search_seeds = [0]
-
-# %% [markdown]
-# # Tuning DP training privately
-#
-# The DP chapters train one hand-chosen configuration per budget. Choosing it by looking at
-# the validation results of DP runs uses the training data once more, and a careful reader
-# should ask what that choice cost. Here the choice is made by a private random search
-# (Papernot & Steinke 2022, *Hyperparameter tuning with Rényi differential privacy*): the
-# number of trials $K$ is drawn at random from a truncated negative binomial distribution
-# $\mathcal{D}(\eta, \gamma)$, each trial draws its learning rate, expected batch size,
-# number of epochs and clipping bound uniformly from the space below and is a full DP run at
-# the budget's target $\varepsilon$, and only the trial with the best validation balanced
-# accuracy is released. Releasing the best of a *fixed* number of trials would cost that many
-# runs; the random $K$ costs a trial plus a term in $\log \mathbb{E}[K]$.
-#
-# What is secret, because the analysis assumes it: $K$, the trials' hyperparameters and seeds
-# (drawn from operating-system entropy kept in the search's private folder) and every losing
-# trial. Nothing in this chapter counts the trials. Not protected: the search's wall time,
-# which grows with $K$, and the validation split that scores the trials (as every evaluation
-# in this book).
 
 # %% tags=["remove-cell"]
 import pandas as pd
@@ -139,8 +139,10 @@ comparison
 # budget's base recipe, every candidate bounded), against releasing the best of a fixed
 # number of trials, which composes them, and against one trial alone. Computed from public
 # quantities only (the space, the target, the number of training images).
+#
+# {numref}`fig-search-cost` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "ε of the private search against the expected number of trials E[K].", "name": "fig-search-cost"}}
 r0, b0_, e0, s0 = points[-1]
 curve = cost_curve(RECIPES.get(r0).config(P, backbone=b0_, target_epsilon=e0, seed=s0), space,
                    int(results[-1].n_units))

@@ -11,21 +11,6 @@
 #     name: python3
 # ---
 
-# %% tags=["parameters"]
-# Parameters (papermill injects the values of an execution after this cell). The profile's
-# parameters come from experiments.yml; `overrides` changes some of them.
-profile = "smoke"
-overrides = {}
-mple_kind = "block"       # the key: dense (MoLe's default) | block (MoLe's kappa blocks)
-mple_blocks = 12          # diagonal blocks of a block key (smoke: a dense key takes ~1 min)
-mple_seeds = None         # seeds of the trained comparison (None: the profile's)
-mple_backbones = None     # networks trained with MpLe (None: the profile's first; smallcnn*, vgg*)
-mple_epsilons = [8.0]     # budgets of DP-SGD and MpLe + DP-SGD (None: the profile's)
-kp_pairs = [64, 256, 600]  # known plaintext: numbers of (plain, morphed) pairs
-attack_images = 100       # test images every attack recovers and is scored on
-public_images = 600       # synthetic look-alike images of the ciphertext-only attacker
-cost_backbones = ["smallcnn_fast"]  # networks whose first layer's cost is measured
-
 # %% [markdown]
 # # MpLe: morphed learning, reproduced and attacked
 #
@@ -46,6 +31,21 @@ cost_backbones = ["smallcnn_fast"]  # networks whose first layer's cost is measu
 # chapter, measures its cost beside the plain network, and attacks it three ways. The key is
 # $d \times d$: at 64 px it would hold $1.7 \cdot 10^8$ numbers and $C_{ac}$ $1.7 \cdot 10^9$,
 # so the scheme is evaluated at 32 px, the resolution it was published at (CIFAR).
+
+# %% tags=["parameters"]
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them.
+profile = "smoke"
+overrides = {}
+mple_kind = "block"       # the key: dense (MoLe's default) | block (MoLe's kappa blocks)
+mple_blocks = 12          # diagonal blocks of a block key (smoke: a dense key takes ~1 min)
+mple_seeds = None         # seeds of the trained comparison (None: the profile's)
+mple_backbones = None     # networks trained with MpLe (None: the profile's first; smallcnn*, vgg*)
+mple_epsilons = [8.0]     # budgets of DP-SGD and MpLe + DP-SGD (None: the profile's)
+kp_pairs = [64, 256, 600]  # known plaintext: numbers of (plain, morphed) pairs
+attack_images = 100       # test images every attack recovers and is scored on
+public_images = 600       # synthetic look-alike images of the ciphertext-only attacker
+cost_backbones = ["smallcnn_fast"]  # networks whose first layer's cost is measured
 
 # %% tags=["remove-cell"]
 import matplotlib.pyplot as plt
@@ -200,6 +200,8 @@ cost.set_index(["network", "quantity"])[["plain", "mple", "ratio", "unit"]]
 # from their morphed rows alone. PSNR and SSIM {cite:p}`wang2004ssim` on the images in
 # $[0, 1]$; Carlini et al.'s attack on InstaHide {cite:p}`carlini2021instahide` reached a
 # largest SSIM of 0.90.
+#
+# {numref}`fig-mple-known-plaintext` shows it.
 
 # %%
 z_train, _, _ = read_morphed(first.shipped["train"], first.key)
@@ -211,7 +213,7 @@ kp = evaluate.known_plaintext_curve(x_train, z_train, xa, za, first.key, kp_pair
 kp_table = pd.DataFrame([{k: v for k, v in r.items() if k != "recovered"} for r in kp]).set_index("pairs")
 kp_table
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Known-plaintext attack on the MpLe key: PSNR and SSIM of the recovered images against the number of plaintext pairs.", "name": "fig-mple-known-plaintext"}}
 fig, axes = plt.subplots(1, 2, figsize=(8, 3))
 sns.lineplot(data=kp_table.reset_index(), x="pairs", y="psnr_db", marker="o", ax=axes[0])
 sns.lineplot(data=kp_table.reset_index(), x="pairs", y="ssim", marker="o", ax=axes[1])
@@ -250,6 +252,8 @@ pd.Series(ma).to_frame("value")
 # guessing the public mean image for every image. (A learned inverse trained on public data
 # morphed with guessed keys would need the key's distribution to carry information about this
 # key; with i.i.d. uniform entries it does not, and it was not run.)
+#
+# {numref}`fig-mple-ciphertext-only` shows it.
 
 # %%
 pub_cfg = DataSpec("synthetic", None, P.image_size, synth_n=public_images, split_seed=1)
@@ -259,7 +263,7 @@ co = evaluate.ciphertext_only(z_test, x_public, first.key, x_test)
 co_images = co.pop("images")
 pd.Series(co).to_frame("value")
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Ciphertext-only attack: test images, their morphed rows, and what moment matching to public images recovers.", "name": "fig-mple-ciphertext-only"}}
 def show(x):
     return evaluate.to_unit(x).permute(0, 2, 3, 1).numpy()
 

@@ -11,17 +11,6 @@
 #     name: python3
 # ---
 
-# %% tags=["parameters"]
-# Parameters (papermill injects the values of an execution after this cell). The profile's
-# parameters come from experiments.yml; `overrides` changes some of them.
-profile = "smoke"
-overrides = {}
-fl_rounds = 3             # federated rounds
-fl_local_epochs = 1       # local epochs per round
-fl_server_lr = 0.01       # FedAdam's server step
-fl_epsilons = [8.0]       # budgets of the DP federations (None: the profile's)
-fl_seeds = [0]            # seeds (None: the profile's)
-
 # %% [markdown]
 # # Federated learning across the HAM10000 sites
 #
@@ -39,13 +28,40 @@ fl_seeds = [0]            # seeds (None: the profile's)
 #   non-private;
 # - **FedAvg with record-level DP**: every site trains by DP-SGD with its own accountant, at
 #   each budget ε: the privacy-accuracy trade-off that Vision Through the Veil
-#   {cite:p}`nampalle2023veil` studies for medical image classification.
+#   {cite:p}`nampalle2023veil` studies for medical image classification;
+# - **DP-FedAvg**, client-level DP {cite:p}`mcmahan2018dpfedavg`: the server samples the
+#   clients of each round (Poisson, by its secret), clips every update and noises their sum
+#   (Flower's `DifferentialPrivacyServerSideFixedClipping` wrapper around a FedAvg with every
+#   client weighted 1), over the four sites themselves and over *virtual clients* (each site's
+#   lesions dealt into groups);
+# - **the proposed technique** (data-independent colour front end, linear head, noisy class
+#   prior) in both federated forms: record-level DP-SGD at every site, and DP-FedAvg of the
+#   linear head over the virtual clients.
 #
-# Privacy of the DP federations: adjacency is add/remove one image, the privacy unit one
-# image, the accountant the clients' (PRV); each image lives at one site and only that site's
-# releases depend on it, so the global model is $(\max_k \varepsilon_k, \delta)$-DP per image.
-# Not counted: the test metrics of every site reported here, as in every chapter. Four
-# clients are far too few for client-level DP (DP-FedAvg), which is not run here.
+# Privacy of the record-level federations: adjacency is add/remove one image, the privacy
+# unit one image, the accountant the clients' (PRV); each image lives at one site and only
+# that site's releases depend on it, so the global model is $(\max_k \varepsilon_k,
+# \delta)$-DP per image. Of the client-level ones: adjacency add/remove one client, the unit
+# one client with all its images, the accountant RDP over the rounds' subsampled Gaussian
+# mechanisms; which clients took part in which round is secret (the amplification by
+# sampling assumes it) and is not in the record. Not counted: the test metrics of every site
+# reported here, as in every chapter.
+
+# %% tags=["parameters"]
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them.
+profile = "smoke"
+overrides = {}
+fl_rounds = 3             # federated rounds
+fl_local_epochs = 1       # local epochs per round
+fl_server_lr = 0.01       # FedAdam's server step
+fl_epsilons = [8.0]       # budgets of the DP federations (None: the profile's)
+fl_seeds = [0]            # seeds (None: the profile's)
+fl_groups_per_site = 10   # client-level DP: virtual clients per site (groups of lesions)
+fl_client_sample_rate = 0.5   # client-level DP: each client's probability of a round
+fl_client_clipping_norm = 1.0  # client-level DP: L2 bound of one client's update
+inversion_images = 2      # gradient inversion: training images of the attacked client
+inversion_steps = 200     # gradient inversion: optimisation steps per image
 
 # %% tags=["remove-cell"]
 import matplotlib.pyplot as plt
@@ -54,14 +70,16 @@ import seaborn as sns
 
 from dpskin_core.book.registry import profile_params
 from dpskin_core.book.tables import fmt_mean_std, glue
-from dpskin_core.federated.federation import load_clients
+from dpskin_core.federated.client import noise_multiplier
+from dpskin_core.federated.federation import federation_dir, load_clients, run_federation
 from dpskin_core.federated.recipes import FL_RECIPES, FLPlan
-from dpskin_core.federated.study import references, sweep
+from dpskin_core.federated.study import references, sweep, update_inversion
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)
 P = profile_params(profile, overrides)
-plan = FLPlan(fl_rounds, fl_local_epochs, fl_server_lr)
+plan = FLPlan(fl_rounds, fl_local_epochs, fl_server_lr, fl_groups_per_site, fl_client_sample_rate,
+              fl_client_clipping_norm)
 seeds = list(fl_seeds or P.seeds)
 epsilons = list(fl_epsilons or P.epsilons)
 base = FL_RECIPES.get("fedavg").config(P, plan)
@@ -116,8 +134,10 @@ glue("local_mean", means.get("local only, ∞", float("nan")))
 #
 # Mean over sites of the global model's test balanced accuracy after each round, and each DP
 # federation's ε after each round (the largest of the clients': the global model's guarantee).
+#
+# {numref}`fig-fl-rounds` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Mean balanced accuracy over sites of each federation's global model after every round (left) and its ε (right).", "name": "fig-fl-rounds"}}
 curve = fl.groupby(["training", "budget", "seed", "round"], as_index=False)["balanced_accuracy"].mean()
 curve["model"] = curve["training"] + ", " + curve["budget"]
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -129,6 +149,100 @@ if len(dp):
 axes[1].set_ylabel("ε of the global model (max over clients)")
 for ax in axes:
     ax.legend(fontsize=7)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## The guarantees
+#
+# Each DP federation's record (`meta.json`): where the DP sits, its unit and the ε the
+# project's accountant gives after the last round (record-level: the largest of the sites';
+# client-level: every client's), at δ shown.
+
+# %%
+def guarantee(name, seed, eps):
+    res = run_federation(FL_RECIPES.get(name).config(P, plan, seed=seed, target_epsilon=eps),
+                         P.runs_root, progress=False)  # cached: read back
+    g = res.meta["privacy"]
+    return {"federation": FL_RECIPES.get(name).label, "target ε": eps, "seed": seed,
+            "level": g["level"], "unit": g["unit"], "ε": g["global_epsilon"], "δ": g["delta"],
+            "accountant": g["accountant"], "σ (client-level)": g.get("noise_multiplier"),
+            "clients per round (expected)": g.get("expected_clients_per_round")}
+
+
+pd.DataFrame([guarantee(n, s, e) for n in FL_RECIPES.names() if FL_RECIPES.get(n).private
+              for s in seeds for e in epsilons])
+
+# %% [markdown]
+# Why client-level DP needs many clients: each round adds noise of std $\sigma C / (q N)$ to
+# every one of the model's $P$ weights, so its norm is about $\sigma C \sqrt{P} / (q N)$,
+# while the clipped mean update it hides has norm at most $C$. The table gives that ratio for
+# every client-level federation above (from its record and its network's size): above 1 the
+# noise outweighs the whole signal at every round. Four clients give the largest ratio; many
+# virtual clients divide it by $q N$; the proposed technique's linear head has far fewer
+# weights than the end-to-end network.
+
+# %%
+def noise_to_signal(name, eps):
+    import math
+
+    from dpskin_core.constants import CLASSES
+    from dpskin_core.training.backbones import build_backbone, count_parameters
+
+    cfg = FL_RECIPES.get(name).config(P, plan, seed=seeds[0], target_epsilon=eps)
+    g = run_federation(cfg, P.runs_root, progress=False).meta["privacy"]
+    weights = count_parameters(build_backbone(cfg.run.backbone, num_classes=len(CLASSES)))
+    return {"federation": FL_RECIPES.get(name).label, "target ε": eps, "clients N": g["clients"],
+            "q": g["sample_rate"], "σ": g["noise_multiplier"], "weights P": weights,
+            "noise norm / C": g["noise_multiplier"] * math.sqrt(weights) / g["expected_clients_per_round"]}
+
+
+pd.DataFrame([noise_to_signal(n, e) for n in FL_RECIPES.names() if FL_RECIPES.get(n).level == "client"
+              for e in epsilons])
+
+# %% [markdown]
+# ## Gradient inversion of one client's update
+#
+# An honest-but-curious server inverts the update of the smallest site
+# {cite:p}`geiping2020inverting` in the attacker's best case: one local step on one training
+# image from the final FedAvg global model (seed of the first run). Record-level DP-SGD
+# releases that image's gradient clipped and noised with the site's own σ (from its
+# accountant, at the largest budget); client-level DP-FedAvg clips the update at the server
+# and noises only the sum of the updates, so the server itself sees each update unnoised.
+# PSNR in dB and SSIM of the reconstruction against the true image (higher: more leaked).
+#
+# {numref}`fig-fl-inversion` shows it.
+
+# %%
+first, top = seeds[0], max(epsilons)
+global_w = run_federation(FL_RECIPES.get("fedavg").config(P, plan, seed=first), P.runs_root,
+                          progress=False).weights
+dp_cfg = FL_RECIPES.get("fedavg-dp").config(P, plan, seed=first, target_epsilon=top)
+victim = min(clients, key=lambda c: c.n_train)
+sigma = noise_multiplier(federation_dir(dp_cfg, P.runs_root) / "clients" / victim.name)
+inv = update_inversion(base, global_w, victim, record_sigma=sigma,
+                       client_clipping_norm=plan.client_clipping_norm, images=inversion_images,
+                       steps=inversion_steps, seed=first)
+print(f"site {victim.name}; record-level σ = {sigma:.3f} (ε = {top:g}); client-level C = "
+      f"{plan.client_clipping_norm:g}")
+inv.groupby("mode")[["psnr", "ssim", "cosine"]].agg(["mean", "std"])
+
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "An honest-but-curious server's gradient inversion of one client's update, without DP and under each DP mode.", "name": "fig-fl-inversion"}}
+modes = list(dict.fromkeys(inv["mode"]))
+fig, axes = plt.subplots(inversion_images, len(modes) + 1, figsize=(2 * (len(modes) + 1), 2 * inversion_images),
+                         squeeze=False)
+for i in range(inversion_images):
+    rows = inv[inv["image"] == i]
+    if rows.empty:
+        continue
+    axes[i, 0].imshow(rows["truth"].iloc[0])
+    axes[i, 0].set_title(f"true ({rows['label'].iloc[0]})", fontsize=8)
+    for j, m in enumerate(modes, start=1):
+        r = rows[rows["mode"] == m].iloc[0]
+        axes[i, j].imshow(r["reconstruction"])
+        axes[i, j].set_title(f"{m}\nSSIM {r['ssim']:.2f}", fontsize=8)
+for ax in axes.ravel():
+    ax.axis("off")
 fig.tight_layout()
 plt.show()
 

@@ -11,18 +11,18 @@
 #     name: python3
 # ---
 
-# %% tags=["parameters"]
-# Parameters (papermill injects the values of an execution after this cell). The profile's
-# parameters come from experiments.yml; `overrides` changes some of them.
-profile = "smoke"
-overrides = {}
-
 # %% [markdown]
 # # Privacy-utility summary
 #
 # This chapter reads the run records of every experiment of the profile (it trains nothing)
 # and puts the methods side by side: balanced accuracy against the privacy budget, one line per
 # method, mean ± standard deviation over seeds.
+
+# %% tags=["parameters"]
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them.
+profile = "smoke"
+overrides = {}
 
 # %% tags=["remove-cell"]
 import matplotlib.pyplot as plt
@@ -115,8 +115,10 @@ glue("leak_dp_valid", ("every" if (dpv["eps_lower_bound"] <= dpv["epsilon"]).all
 # One line per private method (error bars: ± one standard deviation over seeds); the
 # non-private methods are horizontal lines with their ± one standard deviation band. The number
 # of seeds behind every point is in the legend.
+#
+# {numref}`fig-summary-vs-eps` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Test balanced accuracy against ε of every method on the first network (mean ± std over seeds).", "name": "fig-summary-vs-eps"}}
 b_main = backbones[0]
 sub = runs[runs["backbone"] == b_main]
 dp = sub[sub["dp"].astype(bool)]
@@ -174,8 +176,10 @@ for m in methods_dp:
 #
 # Mean test recall over seeds. Rows are ordered from the non-private models to the smallest
 # budget.
+#
+# {numref}`fig-summary-recall` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Test recall per class, method and budget (mean over seeds).", "name": "fig-summary-recall"}}
 rec = recall_by_class(sub, ["method", "ε"])
 rec["model"] = np.where(np.isinf(rec["ε"]), rec["method"],
                         rec["method"] + ", ε = " + rec["ε"].map("{:g}".format))

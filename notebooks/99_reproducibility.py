@@ -11,12 +11,6 @@
 #     name: python3
 # ---
 
-# %% tags=["parameters"]
-# Parameters (papermill injects the values of an execution after this cell). The profile's
-# parameters come from experiments.yml; `overrides` changes some of them.
-profile = "smoke"
-overrides = {}
-
 # %% [markdown]
 # # Reproducibility
 #
@@ -46,6 +40,12 @@ overrides = {}
 # jupytext --to ipynb notebooks/01_baseline.py
 # papermill notebooks/01_baseline.ipynb out.ipynb -p profile smoke -y "overrides: {epochs: 2, seeds: [0]}"
 # ```
+
+# %% tags=["parameters"]
+# Parameters (papermill injects the values of an execution after this cell). The profile's
+# parameters come from experiments.yml; `overrides` changes some of them.
+profile = "smoke"
+overrides = {}
 
 # %% tags=["remove-cell"]
 import json
@@ -155,8 +155,10 @@ table.set_index("run id") if len(table) else table
 # the same epochs: its share of the step time is the last column group. On CUDA the decoded
 # images stay on the GPU when they fit (else pinned memory and non-blocking copies), and
 # `dpskin train --nproc N` trains one run in N processes (see the Methods chapter).
+#
+# {numref}`fig-dp-cost` shows it.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Time of a DP-SGD step relative to a non-private one, per engine and network (dashed: 1.3x).", "name": "fig-dp-cost"}}
 bench_file = Path(dpskin_core.__file__).resolve().parents[1] / "benchmarks/results/dp_modes.csv"
 if bench_file.is_file():
     bench = pd.read_csv(bench_file)
@@ -170,8 +172,11 @@ if bench_file.is_file():
     for ax in g.axes.flat:
         ax.axvline(1.3, color="grey", ls="--", lw=1)
     plt.show()
+else:
+    print(f"no benchmark result at {bench_file}: run the command above")
+
+# %%
+if bench_file.is_file():
     speed = ok.pivot_table(index=["backbone", "image_size", "threads"], columns="mode",
                            values=["time_ratio", "memory_ratio", "input_pipeline_share"]).round(3)
     display(speed)  # noqa: F821 (IPython's display)
-else:
-    print(f"no benchmark result at {bench_file}: run the command above")

@@ -125,6 +125,17 @@ def test_chapter_renders(browser, page):
                                                     "div.output_error, .cell_output .traceback")
     assert not errors, f"{page} has {len(errors)} error blocks: {errors[0].text[:300]}"
 
+    # nothing runs past the right edge of the window (1280 px): wide tables scroll in a box
+    overflow = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.cell_output table')).filter(t => {"
+        " const r = t.getBoundingClientRect(); if (r.right <= window.innerWidth) return false;"
+        " for (let p = t.parentElement; p; p = p.parentElement) {"
+        "  const o = getComputedStyle(p).overflowX;"
+        "  if ((o === 'auto' || o === 'scroll') && p.getBoundingClientRect().right <= window.innerWidth)"
+        "   return false; }"
+        " return true; }).length;")
+    assert overflow == 0, f"{page}: {overflow} table(s) run past the right edge with no scroll box"
+
     broken = browser.execute_script(
         "return Array.from(document.images).filter(i => !(i.naturalWidth > 0))"
         ".map(i => i.getAttribute('src'));")
@@ -176,6 +187,26 @@ def test_results_chapters_have_figures_and_tables(browser):
             imgs, tables = browser.execute_script(count)
             empty.append(f"{page}: {imgs} images, {tables} tables")
     assert not empty, f"results chapters without figures or tables: {empty}"
+
+
+def test_every_figure_has_a_number_and_a_caption(browser):
+    """Each results image is a numbered figure ("Fig. 9.1") with its caption, and the text's
+    references to figures resolved to their numbers."""
+    from selenium.webdriver.common.by import By
+
+    unnumbered, refs = [], 0
+    for page in [p for p in toc_pages() if p.startswith("book/results/")]:
+        _open(browser, HTML / page)
+        for img in browser.find_elements(By.CSS_SELECTOR, ".cell_output img"):
+            fig = img.find_elements(By.XPATH, "ancestor::figure")
+            num = fig[0].find_elements(By.CSS_SELECTOR, ".caption-number") if fig else []
+            if not num or not num[0].text.strip().startswith("Fig."):
+                unnumbered.append(f"{page}: {img.get_attribute('src')[-40:]}")
+        for a in browser.find_elements(By.CSS_SELECTOR, "a.reference.internal span.std-numref"):
+            refs += 1
+            assert a.text.startswith("Fig."), f"{page}: a figure reference reads {a.text!r}"
+    assert not unnumbered, f"figures without a number: {unnumbered[:10]}"
+    assert refs > 0, "no figure is referred to by number"
 
 
 def test_the_bibliography_lists_every_entry_and_citations_resolve(browser):

@@ -261,6 +261,16 @@ def test_cli_book_exits_nonzero_when_a_notebook_fails(tmp_path, monkeypatch):
     (tmp_path / "notebooks" / "a.py").write_text('# %% tags=["parameters"]\nx = 0\n\n# %%\n1/0\n')
     assert cli.main(["book", "--only", "a", "--no-build"]) == 1
     assert cli.main(["book", "--only", "nope", "--no-build"]) == 2  # a user error, one line
+    assert cli.main(["book", "--pdf", "--no-build"]) == 2  # the PDF is built from the book
+
+
+def test_the_pdf_build_names_the_missing_tex(tmp_path, monkeypatch):
+    from dpskin_core.book import runner
+
+    monkeypatch.setattr(runner.shutil, "which", lambda name: None)
+    with pytest.raises(runner.BookError, match="the PDF needs xelatex and latexmk: apt-get install "
+                                               "texlive-xetex"):
+        runner.build_pdf(tmp_path, say=lambda s: None)
 
 
 # --------------------------------------------------------------------------- helpers

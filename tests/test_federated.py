@@ -3,6 +3,7 @@ strategies' arithmetic, the clients' accountants (counted before a round's first
 per round), the server's handling of failed clients, the in-process federation, and the
 deployment on Flower (SuperLink + four SuperNodes on 127.0.0.1) computing the same model."""
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -148,7 +149,7 @@ def test_the_server_survives_a_failed_client_and_refuses_too_few(tmp_path, synth
     names = [c.name for c in clients]
     w0 = fl_client.initial_weights(cfg.local)
 
-    def fit_all(rnd, w, bad=1):
+    def fit_all(rnd, w, asked, bad=1):
         out = {c.name: fl_client.fit(c, cfg.local, w, rnd, 1, tmp_path / c.name) for c in clients[bad:]}
         out.update({c.name: DataError(f"site {c.name}: images missing") for c in clients[:bad]})
         return out
@@ -159,7 +160,7 @@ def test_the_server_survives_a_failed_client_and_refuses_too_few(tmp_path, synth
     assert (rows.loc[names[1:], "status"] == "ok").all()
     assert not torch.equal(res.weights["classifier.weight"], w0["classifier.weight"])
     with pytest.raises(FederationError, match="fewer than min_clients=2"):
-        serve(cfg, tmp_path / "fed2", names, lambda r, w: fit_all(r, w, bad=3), lambda w: {})
+        serve(cfg, tmp_path / "fed2", names, lambda r, w, a: fit_all(r, w, a, bad=3), lambda w: {})
     assert json.loads((tmp_path / "fed2" / "meta.json").read_text())["status"] == "failed"
 
 
@@ -195,6 +196,32 @@ def test_deployment_on_flower_matches_one_process(tmp_path):
     after, before = _improved(res, cfg, data)
     assert after < before
     local = run_federation(cfg, tmp_path / "local", data=data, progress=False)
+    for k in res.weights:
+        assert torch.allclose(res.weights[k], local.weights[k], atol=1e-5), k
+
+
+def test_client_level_dp_on_flower_matches_one_process(tmp_path):
+    """DP-FedAvg over four SuperNodes: the server asks only the clients its secret sampled, and
+    the deployed global model is the in-process one (same secret: the same clients and noise)."""
+
+    from dpskin_core.federated.client_level import ClientDP, sample_clients
+    from dpskin_core.federated.deploy import deploy
+
+    cfg = FLConfig(name="ci-client-dp", run=_run(), rounds=2, client_dp=ClientDP(8.0, sample_rate=0.5))
+    data = load_data(DataSpec("synthetic", None, 16, synth_n=400))
+    # a server secret (the same for both paths) whose first round leaves a client out
+    secret = next(x for x in range(100) if len(sample_clients(SYNTHETIC_SITES, 0.5, x, 1)) < 4)
+    for root in ("local", "deployed"):
+        private = federation_dir(cfg, tmp_path / root) / "private"
+        private.mkdir(parents=True)
+        (private / "secret.json").write_text(json.dumps({"secret": secret, "mode": "secret"}))
+    local = run_federation(cfg, tmp_path / "local", data=data, progress=False)
+    res = deploy(cfg, tmp_path / "deployed", startup_timeout_s=120, run_timeout_s=600, data=data)
+    assert res.meta["privacy"]["level"] == "client"
+    assert res.meta["privacy"]["global_epsilon"] == pytest.approx(local.meta["privacy"]["global_epsilon"])
+    asked = json.loads((res.folder / "private" / "rounds.json").read_text())
+    assert asked == json.loads((local.folder / "private" / "rounds.json").read_text())
+    assert len(asked["1"]["asked"]) < 4  # only the sampled clients were asked
     for k in res.weights:
         assert torch.allclose(res.weights[k], local.weights[k], atol=1e-5), k
 
@@ -255,14 +282,18 @@ def test_federated_recipes_build_for_every_profile():
     from dpskin_core.federated.recipes import FL_RECIPES, FLPlan
 
     reg = load_registry()
-    assert FL_RECIPES.names() == ["fedadam", "fedavg", "fedavg-dp"]
+    assert FL_RECIPES.names() == ["fedadam", "fedavg", "fedavg-client-dp", "fedavg-client-dp-sites",
+                                  "fedavg-dp", "fedavg-proposed-client-dp", "fedavg-proposed-dp"]
     for profile in reg.profiles:
         p = reg.params(profile)
         for name in FL_RECIPES:
             r = FL_RECIPES.get(name)
             cfg = r.config(p, FLPlan(rounds=2), seed=1, target_epsilon=3.0 if r.private else None)
-            assert cfg.run.dp == r.private and cfg.run.seed == 1 and cfg.rounds == 2
-            assert cfg.run.target_epsilon == (3.0 if r.private else None)
+            assert cfg.run.dp == (r.level == "record") and cfg.run.seed == 1 and cfg.rounds == 2
+            assert cfg.run.target_epsilon == (3.0 if r.level == "record" else None)
+            assert (cfg.client_dp.target_epsilon if r.level == "client" else None) == (
+                3.0 if r.level == "client" else None)
+            assert (cfg.client_dp is None) == (r.level != "client")
             assert cfg.partition.scheme == "site" and cfg.local.lr_schedule == "constant"
 
 
@@ -277,3 +308,126 @@ def test_membership_inference_on_the_global_model(tmp_path, synth):
     assert m["auc"].between(0, 1).all() and (m["n_members"] > 0).all()
     assert (m["n_members"] == [min(len(c.data.y_train), len(c.data.y_test))
                                for c in clients if len(c.data.y_test)]).all()
+
+
+# --------------------------------------------------------------------------- client-level DP
+def test_virtual_clients_split_each_site_and_keep_lesions_whole(synth):
+    from dpskin_core.federated.partitions import site_of
+
+    sites = {c.name: c for c in partition(synth, Partition("site"))}
+    virtual = partition(synth, Partition("site", groups_per_site=3))
+    _lesion_clients(virtual)
+    assert len(virtual) == 12 and {site_of(c.name) for c in virtual} == set(SYNTHETIC_SITES)
+    for s, c in sites.items():  # the groups of a site hold exactly its images
+        mine = [v for v in virtual if site_of(v.name) == s]
+        assert sorted(np.concatenate([v.data.meta["image"] for v in mine])) == sorted(c.data.meta["image"])
+    assert Partition("site", groups_per_site=3).by_site == Partition("site")
+    with pytest.raises(ConfigError, match="groups_per_site"):
+        Partition("site", groups_per_site=0)
+    with pytest.raises(ConfigError, match="needs scheme 'site'"):
+        Partition("iid", groups_per_site=2)
+
+
+def test_client_sampling_is_poisson_and_secret():
+    from dpskin_core.federated.client_level import sample_clients
+
+    names = [f"c{i:04d}" for i in range(2000)]
+    a = sample_clients(names, 0.25, secret=123, rnd=1)
+    assert a == sample_clients(names, 0.25, secret=123, rnd=1)  # a resumed round repeats it
+    assert a != sample_clients(names, 0.25, secret=124, rnd=1) != sample_clients(names, 0.25, 123, 2)
+    assert abs(len(a) - 500) < 4 * np.sqrt(2000 * 0.25 * 0.75)
+    assert sample_clients(names, 1.0, 5, 1) == names
+
+
+def test_dp_fedavg_clips_noises_and_divides_by_the_expected_count():
+    from dpskin_core.federated.client_level import ClientDP, aggregate
+
+    w = {"a": torch.zeros(3), "b": torch.ones(2)}
+    ups = [{"a": torch.tensor([3.0, 0, 0]), "b": torch.tensor([5.0, 1])},  # update norm 5 -> 1
+           {"a": torch.tensor([0.1, 0, 0]), "b": torch.tensor([1.0, 1])}]  # norm 0.1: kept
+    dp = ClientDP(8.0, clipping_norm=1.0, sample_rate=0.5)
+    out = aggregate(w, ups, dp, sigma=0.0, n_clients=8, secret=1, rnd=1)
+    expected = (torch.tensor([0.6, 0, 0, 0.8, 0]) + torch.tensor([0.1, 0, 0, 0, 0])) / 4  # q N = 4
+    assert torch.allclose(torch.cat([out["a"], out["b"] - 1]), expected, atol=1e-6)
+    # the noise: Flower's, drawn from the secret (not NumPy's global state), std sigma C / (q N)
+    big = {"a": torch.zeros(20000)}
+    state = np.random.get_state()
+    n1 = aggregate(big, [big], dp, 2.0, 8, secret=7, rnd=3)["a"]
+    assert np.array_equal(np.random.get_state()[1], state[1])
+    assert torch.equal(n1, aggregate(big, [big], dp, 2.0, 8, secret=7, rnd=3)["a"])
+    assert not torch.equal(n1, aggregate(big, [big], dp, 2.0, 8, secret=8, rnd=3)["a"])
+    np.random.seed(0)
+    a0 = aggregate(big, [big], dp, 2.0, 8, secret=7, rnd=3)["a"]
+    assert torch.equal(a0, n1)  # seeding NumPy's global generator publicly changes nothing
+    assert float(n1.std()) == pytest.approx(2.0 * 1.0 / 4, rel=0.03)
+    none = aggregate(big, [], dp, 2.0, 8, secret=7, rnd=4)["a"]  # nobody sampled: noise alone
+    assert float(none.std()) == pytest.approx(0.5, rel=0.03)
+
+
+def test_client_dp_config_is_checked_and_round_trips():
+    from dpskin_core.federated.client_level import ClientDP
+
+    cfg = FLConfig(run=_run(), rounds=2, partition=Partition("site", groups_per_site=2),
+                   client_dp=ClientDP(3.0, sample_rate=0.5))
+    back = FLConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.fl_id() == cfg.fl_id()
+    assert FLConfig.from_dict({**cfg.to_dict(), "client_dp": {**cfg.to_dict()["client_dp"],
+                                                              "target_epsilon": 8.0}}).fl_id() != cfg.fl_id()
+    with pytest.raises(ConfigError, match="choose one"):
+        FLConfig(run=_run(dp=True), client_dp=ClientDP(3.0))
+    for bad in ({"sample_rate": 1.5}, {"clipping_norm": float("inf")}, {"target_epsilon": 0.0}):
+        with pytest.raises(ConfigError):
+            ClientDP(**{"target_epsilon": 3.0, **bad})
+    with pytest.raises(UnknownNameError):
+        ClientDP(3.0, accountant="moments")
+    with pytest.raises(ConfigError, match="unknown key"):
+        FLConfig.from_dict({**cfg.to_dict(), "client_dp": {"target_epsilon": 3.0, "q": 0.5}})
+
+
+def test_dp_fedavg_over_virtual_clients_records_its_guarantee_not_its_sampling(tmp_path, synth):
+    from dpskin_core.federated.client_level import ClientDP, epsilon
+
+    cfg = FLConfig(run=_run(), rounds=3, partition=Partition("site", groups_per_site=3),
+                   client_dp=ClientDP(8.0, sample_rate=0.5))
+    res = run_federation(cfg, tmp_path, data=synth, progress=False)
+    g = res.meta["privacy"]
+    assert g["level"] == "client" and g["unit"].startswith("one client") and g["clients"] == 12
+    assert g["global_epsilon"] == pytest.approx(epsilon(cfg.client_dp, g["noise_multiplier"], 3))
+    assert g["global_epsilon"] <= 8.0 and g["expected_clients_per_round"] == 6
+    eps = res.rounds.groupby("round")["epsilon"].first()
+    assert eps.is_monotonic_increasing and eps.iloc[-1] == pytest.approx(g["global_epsilon"])
+    # scored at the four sites; who trained when stays private
+    assert set(res.rounds["client"]) == set(SYNTHETIC_SITES) and (res.rounds["status"] == "secret").all()
+    published = (res.folder / "rounds.csv").read_text() + (res.folder / "meta.json").read_text()
+    assert "asked" not in published  # who was asked stays private, and no virtual client is named
+    assert not re.search(r"synth_[a-d]\.\d{3}", published)
+    private = json.loads((res.folder / "private" / "rounds.json").read_text())
+    assert set(private) == {"1", "2", "3"} and (res.folder / "private" / "secret.json").is_file()
+    w0 = fl_client.initial_weights(cfg.local)
+    assert not torch.equal(res.weights["classifier.weight"], w0["classifier.weight"])
+    again = run_federation(cfg, tmp_path, data=synth, progress=False)
+    assert all(torch.equal(again.weights[k], res.weights[k]) for k in res.weights)
+
+
+def test_virtual_clients_are_not_deployed(tmp_path, synth):
+    from dpskin_core.federated.client_level import ClientDP
+    from dpskin_core.federated.deploy import Deployment
+
+    cfg = FLConfig(run=_run(), partition=Partition("site", groups_per_site=2), client_dp=ClientDP(3.0))
+    with pytest.raises(ConfigError, match="run it in one process"):
+        Deployment(cfg, tmp_path, data=synth)
+
+
+def test_the_server_inverts_an_update_unless_record_level_dp_noised_it(synth):
+    from dpskin_core.federated.study import update_inversion
+
+    cfg = FLConfig(run=_run(), rounds=1)
+    client = partition(synth, cfg.partition)[0]
+    inv = update_inversion(cfg, fl_client.initial_weights(cfg.local), client, record_sigma=2.0,
+                           client_clipping_norm=0.1, images=2, steps=60)
+    assert list(inv["mode"].unique()) == ["no DP", "record-level DP-SGD", "client-level DP-FedAvg"]
+    by = inv.groupby("mode")[["cosine", "ssim"]].mean()
+    # clipping scales the update, which the cosine loss ignores: the server sees it as sent
+    assert by.loc["no DP", "cosine"] > 0.5 and by.loc["client-level DP-FedAvg", "cosine"] > 0.5
+    assert by.loc["record-level DP-SGD", "cosine"] < 0.2
+    assert inv["reconstruction"].iloc[0].shape == (16, 16, 3)

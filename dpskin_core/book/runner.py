@@ -12,7 +12,7 @@ For each experiment of ``experiments.yml`` (in order) under a profile:
    path of the partial notebook).
 
 Then ``jupyter-book build`` with ``-W -n --keep-going`` (a warning fails the build), and the
-path of ``index.html`` is printed. The exit status is non-zero when any notebook or the build
+path of ``index.html`` is printed; with ``pdf``, also the PDF through LaTeX (:func:`build_pdf`). The exit status is non-zero when any notebook or the build
 failed.
 """
 from __future__ import annotations
@@ -172,6 +172,7 @@ class BookReport:
     outcomes: List[Outcome] = field(default_factory=list)
     index_html: Optional[Path] = None
     build_ok: Optional[bool] = None   # None: not built
+    pdf: Optional[Path] = None        # the dissertation PDF (``pdf=True``)
 
     @property
     def failed(self) -> List[Outcome]:
@@ -360,6 +361,62 @@ def build_book(root: PathLike, *, say: Callable[[str], None] = print) -> Path:
     return index
 
 
+PDF = Path("_build") / "latex" / "dpskin.pdf"  # _config.yml's latex targetname
+#: Debian's packages the PDF needs (README, .ci/run and the Pages workflow install these)
+TEX_PACKAGES = ("texlive-xetex", "texlive-latex-extra", "texlive-fonts-recommended",
+                "fonts-freefont-otf", "latexmk", "poppler-utils")
+
+
+def pdf_config(root: PathLike) -> Path:
+    """``_config.yml`` for the PDF, written under ``_build/``: the same book without the code
+    of the notebooks' cells (a printed dissertation shows their outputs; the code is in the
+    HTML book and in ``notebooks/``), which LaTeX cannot fold away as HTML does."""
+    import yaml
+
+    root = Path(root)
+    cfg = yaml.safe_load((root / "_config.yml").read_text())
+    sphinx = cfg.setdefault("sphinx", {})
+    sphinx.setdefault("config", {})["nb_remove_code_source"] = True
+    # Jupyter Book resolves local extensions against the config file's folder, not the book's
+    sphinx["local_extensions"] = {k: str((root / v).resolve())
+                                  for k, v in (sphinx.get("local_extensions") or {}).items()}
+    out = root / "_build" / "_config_pdf.yml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    return out
+
+
+def build_pdf(root: PathLike, *, say: Callable[[str], None] = print) -> Path:
+    """The dissertation PDF through LaTeX (``jupyter-book build --builder pdflatex``, XeLaTeX
+    as ``_config.yml`` sets) from the same executed notebooks; its path.
+
+    Raises :class:`BookError` when XeLaTeX or latexmk is missing (naming the Debian packages),
+    when Sphinx warns, or when LaTeX fails (the tail of its log).
+    """
+    root = Path(root)
+    missing = [t for t in ("xelatex", "latexmk") if shutil.which(t) is None]
+    if missing:
+        raise BookError(f"the PDF needs {' and '.join(missing)}: apt-get install "
+                        f"{' '.join(TEX_PACKAGES)}")
+    cmd = [*jupyter_book_command(), "build", str(root), "--builder", "pdflatex", "--all", "-n",
+           "--keep-going", "--config", str(pdf_config(root))]
+    say("== jupyter-book build --builder pdflatex (XeLaTeX)")
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    (root / "_build").mkdir(exist_ok=True)
+    (root / "_build" / "pdf.log").write_text(log)
+    warnings = [ln for ln in log.splitlines() if "WARNING" in ln]
+    pdf = (root / PDF).resolve()
+    tex_log = pdf.with_suffix(".log")
+    errors = [ln for ln in tex_log.read_text(errors="replace").splitlines() if ln.startswith("!")] \
+        if tex_log.is_file() else []
+    if proc.returncode != 0 or warnings or errors or not pdf.is_file():
+        tail = "\n".join((warnings + errors)[-30:] or log.splitlines()[-30:])
+        raise BookError(f"the PDF build failed (exit {proc.returncode}); logs in "
+                        f"{root / '_build' / 'pdf.log'} and {tex_log}:\n{tail}")
+    return pdf
+
+
 # --------------------------------------------------------------------------- the runner
 def _stream_notebook_output() -> None:
     """Show what the notebooks print (papermill logs cell output at INFO) on stdout."""
@@ -383,8 +440,9 @@ def run_book(profile: Optional[str] = None, *, only: Optional[Sequence[str]] = N
              build: bool = True, root: Optional[PathLike] = None,
              registry: Optional[PathLike] = None, force: bool = False,
              code_version: Optional[str] = None, log_output: bool = True,
-             say: Callable[[str], None] = print) -> BookReport:
-    """Execute the experiments of ``profile`` (or only those named), then build the book."""
+             pdf: bool = False, say: Callable[[str], None] = print) -> BookReport:
+    """Execute the experiments of ``profile`` (or only those named), then build the book (and,
+    with ``pdf``, its PDF through LaTeX)."""
     root = Path(root) if root is not None else REPO_ROOT
     reg = load_registry(registry if registry is not None else root / "experiments.yml")
     profile = profile or reg.default_profile
@@ -419,6 +477,8 @@ def run_book(profile: Optional[str] = None, *, only: Optional[Sequence[str]] = N
         try:
             report.index_html = build_book(root, say=say)
             report.build_ok = True
+            if pdf:
+                report.pdf = build_pdf(root, say=say)
         except BookError as e:
             report.build_ok = False
             say(f"!! {e}")
@@ -426,4 +486,6 @@ def run_book(profile: Optional[str] = None, *, only: Optional[Sequence[str]] = N
         say(f"!! FAILED {o.name}: {o.error}\n   partial notebook: {o.output}")
     if report.index_html:
         say(f"The book: {report.index_html}")
+    if report.pdf:
+        say(f"The PDF: {report.pdf}")
     return report

@@ -131,15 +131,16 @@ def _main(grid: Grid, context: Context, cfg: FLConfig, folder: Path) -> None:
         raise FederationError(f"{len(names)} of {expected} SuperNodes named their client within "
                               f"{cfg.connect_timeout_s:g} s: {sorted(names.values())}")
 
-    def fit_all(rnd: int, weights) -> Dict[str, Union[FitResult, BaseException]]:
+    def fit_all(rnd: int, weights, asked: List[str]) -> Dict[str, Union[FitResult, BaseException]]:
         if rnd > 1:
             names.clear()
             names.update(_names(grid, 0, cfg.round_timeout_s, rnd))
         content = RecordDict({"arrays": ArrayRecord(torch_state_dict=weights),
                               "config": ConfigRecord({"round": rnd})})
         out: Dict[str, Union[FitResult, BaseException]] = {}
-        replies = _send(grid, sorted(names), MessageType.TRAIN, content, rnd, cfg.round_timeout_s)
-        for node in [n for n in names if n not in replies]:  # no reply: not asked to evaluate
+        nodes = sorted(n for n, name in names.items() if name in asked)
+        replies = _send(grid, nodes, MessageType.TRAIN, content, rnd, cfg.round_timeout_s)
+        for node in [n for n in nodes if n not in replies]:  # no reply: not asked to evaluate
             names.pop(node)
         for node, m in replies.items():
             name = names.get(node, f"node {node}")

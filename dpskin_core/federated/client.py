@@ -49,6 +49,13 @@ def client_config(cfg: RunConfig, rounds: int, local_epochs: int) -> RunConfig:
                        early_stopping_patience=None, ema_decay=None, eval_split="test")
 
 
+def for_client(cfg: RunConfig, client: Client) -> RunConfig:
+    """``cfg`` at a client holding fewer training images than its (expected) batch: the batch
+    is all of them (a DP client's sample rate is then 1; its sigma is calibrated for it)."""
+    n = client.n_train
+    return cfg.replace(batch_size=max(1, n)) if n < cfg.batch_size else cfg
+
+
 @dataclass
 class FitResult:
     """A client's reply to a training round."""
@@ -73,6 +80,12 @@ def spent(state_dir: Path, cfg: RunConfig) -> Tuple[List[Tuple[float, float, int
     return hist, float(privacy.epsilon(hist, cfg.delta, cfg.accountant))
 
 
+def noise_multiplier(state_dir: Path) -> Optional[float]:
+    """The sigma a record-level DP client trained its rounds with (None: it has not trained)."""
+    rounds = _accountant(Path(state_dir))["rounds"]
+    return float(rounds[min(rounds, key=int)][0]) if rounds else None
+
+
 def fit(client: Client, cfg: RunConfig, global_weights: Optional[StateDict], rnd: int,
         local_epochs: int, state_dir: Path) -> FitResult:
     """Round ``rnd`` (1-based) of local training from ``global_weights`` (None: the seeded
@@ -85,6 +98,7 @@ def fit(client: Client, cfg: RunConfig, global_weights: Optional[StateDict], rnd
     if rnd < 1 or rnd * local_epochs > cfg.epochs:
         raise ConfigError(f"client {client.name}: round {rnd} is beyond the federation's "
                           f"{cfg.epochs // local_epochs} rounds (its DP budget is planned for those)")
+    cfg = for_client(cfg, client)
     s = start(cfg, client.data, state_dir / "run")
     model = unwrap(s.setup.model)
     if global_weights is not None:
@@ -128,4 +142,4 @@ def initial_weights(cfg: RunConfig) -> StateDict:
     return build_backbone(cfg.backbone, num_classes=len(CLASSES)).state_dict()
 
 
-__all__ = ["FitResult", "client_config", "evaluate", "fit", "initial_weights", "spent"]
+__all__ = ["FitResult", "client_config", "evaluate", "fit", "for_client", "initial_weights", "noise_multiplier", "spent"]

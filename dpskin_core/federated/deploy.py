@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Union
 
+from ..errors import ConfigError
 from ..files import read_json, write_json
-from .federation import FederationError, FLConfig, FLResult, federation_dir, load_clients, serve
+from .federation import FederationError, FLConfig, FLResult, federation_dir, load_clients, read_complete
 
 PathLike = Union[str, Path]
 HOST = "127.0.0.1"
@@ -185,6 +186,10 @@ class Deployment:
 
     def __init__(self, cfg: FLConfig, runs_root: Optional[PathLike] = None, *,
                  startup_timeout_s: float = 60.0, run_timeout_s: float = 3600.0, data=None) -> None:
+        if cfg.partition.groups_per_site > 1:
+            raise ConfigError(f"federation {cfg.name}: {cfg.partition.groups_per_site} virtual clients "
+                              "per site would need one SuperNode each; run it in one process "
+                              "(`dpskin fl run`), where they are scored at their sites")
         self.cfg, self.startup_timeout_s, self.run_timeout_s = cfg, startup_timeout_s, run_timeout_s
         self.folder = federation_dir(cfg, runs_root)
         self.meta_path = self.folder / "meta.json"
@@ -247,8 +252,11 @@ class Deployment:
 
 
 def read_back(cfg: FLConfig, folder: Path) -> FLResult:
-    """The record of a finished federation."""
-    return serve(cfg, folder, [], lambda r, w: {}, lambda w: {}, progress=False)
+    """The record of a finished federation (FederationError: it has not finished)."""
+    res = read_complete(cfg, folder)
+    if res is None:
+        raise FederationError(f"federation {cfg.name}: no finished record in {folder}")
+    return res
 
 
 def deploy(cfg: FLConfig, runs_root: Optional[PathLike] = None, *, startup_timeout_s: float = 60.0,

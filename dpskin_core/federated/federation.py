@@ -16,6 +16,12 @@ that client's releases depend on it, so the global model of every round, post-pr
 all releases, is (max_k eps_k, delta)-DP for one image (add/remove adjacency), with the
 accountant of the clients' runs (PRV by default). Not counted: the clients' test metrics
 reported for the book, as in every chapter.
+
+Privacy (client-level DP, ``client_dp``): DP-FedAvg (:mod:`.client_level`): the server
+samples the clients of each round by its secret, clips their updates and noises their sum
+(Flower's wrapper); the unit is one client, adjacency add/remove one client, eps from the
+(sigma, q, rounds) history by the project's accountant. The clients then train without DP,
+and the record does not say which clients took part in which round.
 """
 from __future__ import annotations
 
@@ -37,7 +43,10 @@ from ..training import RunConfig
 from ..training import privacy
 from ..training.checkpoint import StateDict
 from ..training.records import code_version, default_runs_root, git_commit, package_versions
+from ..training.checkpoint import dp_seed
+from . import client_level
 from .client import FitResult, client_config, evaluate, fit, initial_weights
+from .client_level import ClientDP
 from .partitions import Client, Partition, partition
 from .strategies import STRATEGIES, Strategy
 
@@ -65,6 +74,7 @@ class FLConfig:
     round_timeout_s: float = 600.0   # deployment: how long a round waits for replies (s)
     connect_timeout_s: float = 300.0  # deployment: for the SuperNodes to connect and name their
     #                                   clients (each ClientApp loads its data first), s
+    client_dp: Optional[ClientDP] = None  # client-level DP (DP-FedAvg); None: none at the server
 
     def __post_init__(self) -> None:
         if not isinstance(self.run, RunConfig):
@@ -79,6 +89,12 @@ class FLConfig:
             if not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
                 raise ConfigError(f"federation {name} must be a finite number > 0, got {v!r}")
         client_config(self.run, self.rounds, self.local_epochs)  # the local recipe is valid
+        if self.client_dp is not None:
+            if not isinstance(self.client_dp, ClientDP):
+                raise ConfigError("federation client_dp: expected a ClientDP (or its dict)")
+            if self.run.dp:
+                raise ConfigError("federation: client_dp (client-level DP at the server) and run.dp "
+                                  "(record-level DP-SGD at every client) are both set; choose one")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FLConfig":
@@ -96,11 +112,18 @@ class FLConfig:
             if bad:
                 raise ConfigError(f"federation partition: unknown key(s) {', '.join(bad)}")
             d["partition"] = Partition(**p)
+        if isinstance(d.get("client_dp"), Mapping):
+            c = dict(d["client_dp"])
+            bad = sorted(set(c) - {f.name for f in fields(ClientDP)})
+            if bad:
+                raise ConfigError(f"federation client_dp: unknown key(s) {', '.join(bad)}")
+            d["client_dp"] = ClientDP(**c)
         return cls(**d)
 
     def to_dict(self) -> Dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["run"], d["partition"] = self.run.to_dict(), asdict(self.partition)
+        d["client_dp"] = None if self.client_dp is None else asdict(self.client_dp)
         return d
 
     @property
@@ -135,7 +158,8 @@ def federation_dir(cfg: FLConfig, runs_root: Optional[PathLike] = None) -> Path:
 
 
 # --------------------------------------------------------------------------- the server
-FitAll = Callable[[int, StateDict], Dict[str, Union[FitResult, BaseException]]]
+#: (round, global weights, the clients asked this round) -> name -> reply or error
+FitAll = Callable[[int, StateDict, List[str]], Dict[str, Union[FitResult, BaseException]]]
 EvaluateAll = Callable[[StateDict], Dict[str, Dict[str, float]]]
 
 
@@ -150,7 +174,21 @@ class FLResult:
     meta: Dict[str, Any]
 
 
-def _privacy(cfg: FLConfig, eps: Dict[str, Optional[float]]) -> Optional[Dict[str, Any]]:
+def _privacy(cfg: FLConfig, eps: Dict[str, Optional[float]], sigma: Optional[float] = None,
+             rounds_done: int = 0, n_clients: int = 0) -> Optional[Dict[str, Any]]:
+    c = cfg.client_dp
+    if c is not None:
+        return {"level": "client", "unit": "one client (all its images)",
+                "adjacency": "add/remove one client", "delta": c.delta, "accountant": c.accountant,
+                "mechanism": "DP-FedAvg: Poisson client sampling, server-side fixed clipping of each "
+                             "update and Gaussian noise on their sum (Flower's wrapper), divided by "
+                             "the expected number of sampled clients",
+                "noise_multiplier": sigma, "clipping_norm": c.clipping_norm,
+                "sample_rate": c.sample_rate, "rounds": rounds_done, "clients": n_clients,
+                "expected_clients_per_round": c.sample_rate * n_clients,
+                "global_epsilon": client_level.epsilon(c, sigma, rounds_done) if rounds_done else 0.0,
+                "not_counted": "the test metrics of the global model at every site (reported for "
+                               "the book); the sampled clients of each round are secret, not released"}
     if not cfg.run.dp:
         return None
     worst = max((e for e in eps.values() if e is not None), default=None)
@@ -171,16 +209,28 @@ def record_failure(folder: Path, error: BaseException) -> None:
     write_json(meta_path, meta)
 
 
+def read_complete(cfg: FLConfig, folder: Path) -> Optional[FLResult]:
+    """The finished federation in ``folder`` read back (None: not finished)."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file() or read_json(meta_path).get("status") != "complete":
+        return None
+    state = torch.load(folder / "global.pt", map_location="cpu", weights_only=False)
+    return FLResult(folder, cfg, pd.read_csv(folder / "rounds.csv"), state["weights"], read_json(meta_path))
+
+
 def serve(cfg: FLConfig, folder: Path, clients: List[str], fit_all: FitAll,
           evaluate_all: EvaluateAll, progress: bool = True) -> FLResult:
-    """The server's rounds (resumed after the last finished one), recorded in ``folder``."""
+    """The server's rounds (resumed after the last finished one), recorded in ``folder``.
+
+    ``evaluate_all`` scores the global model where the chapter reads it: at every client, or at
+    every site when the clients are a site's virtual clients; the rows are one per place scored.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "config.json", cfg.to_dict())
     meta_path, ckpt, rows_path = folder / "meta.json", folder / "global.pt", folder / "rounds.csv"
     meta = read_json(meta_path) if meta_path.is_file() else {}
     if meta.get("status") == "complete":
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        return FLResult(folder, cfg, pd.read_csv(rows_path), state["weights"], meta)
+        return read_complete(cfg, folder)
     strategy = Strategy(cfg.strategy, server_lr=cfg.server_lr)
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -189,39 +239,63 @@ def serve(cfg: FLConfig, folder: Path, clients: List[str], fit_all: FitAll,
         rows = pd.read_csv(rows_path).to_dict("records") if rows_path.is_file() else []
     else:
         weights, done, rows = initial_weights(cfg.local), 0, []
-    meta.update(status="running", name=cfg.name, id=folder.name, clients=clients,
+    cdp = cfg.client_dp
+    sigma = secret = None
+    if cdp is not None:  # calibrated before the first round; the server's secret seeds it all
+        sigma = client_level.noise_multiplier(cdp, cfg.rounds)
+        secret = dp_seed(folder / "private", "secret", cfg.run.seed)
+    meta.update(status="running", name=cfg.name, id=folder.name,
+                clients=clients if cdp is None else f"{len(clients)} clients",
                 commit=git_commit(), versions=package_versions())
     write_json(meta_path, meta)
     eps: Dict[str, Optional[float]] = dict(meta.get("client_epsilon", {}))
     t0 = time.perf_counter()
     for rnd in tqdm(range(done + 1, cfg.rounds + 1), desc=f"{cfg.name} rounds", disable=not progress,
                     initial=done, total=cfg.rounds):
-        replies = fit_all(rnd, weights)
+        asked = clients if cdp is None else client_level.sample_clients(clients, cdp.sample_rate,
+                                                                        secret, rnd)
+        replies = fit_all(rnd, weights, asked)
         ok = {n: r for n, r in sorted(replies.items()) if isinstance(r, FitResult)}
         failed = {n: f"{type(r).__name__}: {r}" for n, r in replies.items() if not isinstance(r, FitResult)}
-        missing = [n for n in clients if n not in replies]
-        if len(ok) < cfg.min_clients:
-            meta.update(status="failed", failed_round=rnd, failed=failed, missing=missing)
-            write_json(meta_path, meta)
-            raise FederationError(f"federation {cfg.name}: round {rnd} got {len(ok)} update(s), "
-                                  f"fewer than min_clients={cfg.min_clients}; failed: {failed or '-'}; "
-                                  f"no reply: {missing or '-'}")
-        weights = strategy.step(weights, [r.weights for r in ok.values()],
-                                [r.n_examples for r in ok.values()])
-        for n, r in ok.items():  # the server's own accountant over what the client reports
-            eps[n] = (float(privacy.epsilon(r.history, cfg.run.delta, cfg.run.accountant))
-                      if cfg.run.dp else None)
+        missing = [n for n in asked if n not in replies]
+        if cdp is not None:
+            # a sampled client that fails adds nothing (its share is bounded by C either way);
+            # who was asked, and who failed, stays with the server's secrets
+            log = folder / "private" / "rounds.json"
+            hist = read_json(log) if log.is_file() else {}
+            hist[str(rnd)] = {"asked": asked, "failed": failed, "no reply": missing}
+            write_json(log, hist)
+            avg = client_level.aggregate(weights, [r.weights for r in ok.values()], cdp, sigma,
+                                         len(clients), secret, rnd)
+            weights = strategy.update(weights, avg)
+            eps_all = client_level.epsilon(cdp, sigma, rnd)  # every client's, the global model's
+        else:
+            if len(ok) < cfg.min_clients:
+                meta.update(status="failed", failed_round=rnd, failed=failed, missing=missing)
+                write_json(meta_path, meta)
+                raise FederationError(f"federation {cfg.name}: round {rnd} got {len(ok)} update(s), "
+                                      f"fewer than min_clients={cfg.min_clients}; failed: "
+                                      f"{failed or '-'}; no reply: {missing or '-'}")
+            weights = strategy.step(weights, [r.weights for r in ok.values()],
+                                    [r.n_examples for r in ok.values()])
+            for n, r in ok.items():  # the server's own accountant over what the client reports
+                eps[n] = (float(privacy.epsilon(r.history, cfg.run.delta, cfg.run.accountant))
+                          if cfg.run.dp else None)
         scores = evaluate_all(weights)
-        for n in clients:
-            status = "ok" if n in ok else ("failed" if n in failed else "no reply")
+        for n in (clients if set(scores) <= set(clients) else sorted(scores)):
+            if cdp is not None:
+                status = "secret"
+            else:
+                status = "ok" if n in ok else ("failed" if n in failed else "no reply")
             m = scores.get(n, {})
-            rows.append({"round": rnd, "client": n, "status": status, "epsilon": eps.get(n),
+            rows.append({"round": rnd, "client": n, "status": status,
+                         "epsilon": eps.get(n) if cdp is None else eps_all,
                          "balanced_accuracy": m.get("balanced_accuracy"), "accuracy": m.get("accuracy"),
                          "nll": m.get("nll"),
-                         "n_test": m.get("n"), "error": failed.get(n)})
+                         "n_test": m.get("n"), "error": failed.get(n) if cdp is None else None})
         torch.save({"round": rnd, "weights": weights, "strategy": strategy.state()}, ckpt)
         pd.DataFrame(rows).to_csv(rows_path, index=False)
-        meta.update(rounds_done=rnd, client_epsilon=eps, privacy=_privacy(cfg, eps))
+        meta.update(rounds_done=rnd, client_epsilon=eps, privacy=_privacy(cfg, eps, sigma, rnd, len(clients)))
         write_json(meta_path, meta)
     meta.update(status="complete", wall_time_s=meta.get("wall_time_s", 0.0) + time.perf_counter() - t0)
     write_json(meta_path, meta)
@@ -229,12 +303,16 @@ def serve(cfg: FLConfig, folder: Path, clients: List[str], fit_all: FitAll,
 
 
 # --------------------------------------------------------------------------- in one process
-def load_clients(cfg: FLConfig, data=None) -> List[Client]:
-    """The federation's clients (its data loaded, partitioned)."""
+def _data(cfg: FLConfig):
     from ..data import load_data
     from ..training.trainer import data_spec
 
-    return partition(data if data is not None else load_data(data_spec(cfg.run)), cfg.partition)
+    return load_data(data_spec(cfg.run))
+
+
+def load_clients(cfg: FLConfig, data=None) -> List[Client]:
+    """The federation's clients (its data loaded, partitioned)."""
+    return partition(data if data is not None else _data(cfg), cfg.partition)
 
 
 def run_federation(cfg: FLConfig, runs_root: Optional[PathLike] = None, *, data=None,
@@ -242,19 +320,25 @@ def run_federation(cfg: FLConfig, runs_root: Optional[PathLike] = None, *, data=
     """The federation in this process: every client's round called directly (sorted by name),
     the server's :func:`serve`; cached and resumed as a run is."""
     folder = federation_dir(cfg, runs_root)
-    clients = load_clients(cfg, data)
-    by_name = {c.name: c for c in clients}
+    done = read_complete(cfg, folder)
+    if done is not None:  # cached: read back without loading the data
+        return done
+    data = data if data is not None else _data(cfg)
+    by_name = {c.name: c for c in partition(data, cfg.partition)}
     local = cfg.local
 
-    def fit_all(rnd: int, weights: StateDict) -> Dict[str, Union[FitResult, BaseException]]:
-        return {n: fit(c, local, weights, rnd, cfg.local_epochs, folder / "clients" / n)
-                for n, c in sorted(by_name.items())}
+    scored = by_name if cfg.partition.groups_per_site == 1 else {
+        c.name: c for c in partition(data, cfg.partition.by_site)}
+
+    def fit_all(rnd: int, weights: StateDict, asked: List[str]) -> Dict[str, Union[FitResult, BaseException]]:
+        return {n: fit(by_name[n], local, weights, rnd, cfg.local_epochs, folder / "clients" / n)
+                for n in sorted(asked)}
 
     def evaluate_all(weights: StateDict) -> Dict[str, Dict[str, float]]:
-        return {n: evaluate(c, local, weights) for n, c in by_name.items()}
+        return {n: evaluate(c, local, weights) for n, c in scored.items()}
 
     return serve(cfg, folder, sorted(by_name), fit_all, evaluate_all, progress)
 
 
 __all__ = ["FLConfig", "FLResult", "FederationError", "federated_version", "federation_dir",
-           "load_clients", "record_failure", "run_federation", "serve"]
+           "load_clients", "read_complete", "record_failure", "run_federation", "serve"]

@@ -8,7 +8,10 @@ lesion-grouped validation and test part. Partitions (:data:`PARTITIONS`):
   per site; a lesion photographed at two sites (9 lesions at the two vidir sites) goes with
   the site of most of its images (ties: the first in name order). The embedded synthetic data
   has no sites: it gets four synthetic ones, each lesion's site drawn from a per-class
-  Dirichlet(0.5) mixture (non-IID, as the real sites are);
+  Dirichlet(0.5) mixture (non-IID, as the real sites are). With ``groups_per_site`` > 1
+  each site's lesions are dealt at random (public seed) into that many *virtual clients*
+  ``<site>.<g>`` (groups of lesions: the data has lesion ids, not patient ids), the many
+  clients client-level DP needs; they are scored at their site (:func:`site_of`);
 - ``iid``: lesions dealt at random to ``num_clients`` clients (equal shares);
 - ``dirichlet``: label skew, for each class the lesions dealt by proportions drawn from
   Dirichlet(``alpha``) over the clients (Hsu et al. 2019).
@@ -39,6 +42,7 @@ class Partition:
     num_clients: int = 4        # iid / dirichlet (site: one client per site)
     alpha: float = 0.5          # dirichlet concentration (small: strong label skew)
     seed: int = 0               # public: the partition is part of the experiment's design
+    groups_per_site: int = 1    # site: virtual clients per site (groups of its lesions)
 
     def __post_init__(self) -> None:
         PARTITIONS.get(self.scheme)
@@ -46,6 +50,17 @@ class Partition:
             raise ConfigError(f"partition num_clients must be a positive integer, got {self.num_clients!r}")
         if not (isinstance(self.alpha, (int, float)) and np.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"partition alpha must be a finite number > 0, got {self.alpha!r}")
+        g = self.groups_per_site
+        if not isinstance(g, (int, np.integer)) or isinstance(g, bool) or g < 1:
+            raise ConfigError(f"partition groups_per_site must be a positive integer, got {g!r}")
+        if g > 1 and self.scheme != "site":
+            raise ConfigError(f"partition groups_per_site={g} splits sites: it needs scheme 'site', "
+                              f"not {self.scheme!r}")
+
+    @property
+    def by_site(self) -> "Partition":
+        """The partition with one client per site (where virtual clients are scored)."""
+        return Partition(self.scheme, self.num_clients, self.alpha, self.seed, 1)
 
 
 @dataclass
@@ -70,7 +85,25 @@ def _lesions(meta: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"label": g["label"].agg(lambda s: int(np.bincount(s).argmax()))})
 
 
+def site_of(client: str) -> str:
+    """The site of a client of the ``site`` scheme (a virtual client ``<site>.<g>``: its site)."""
+    return client.split(".", 1)[0]
+
+
 @PARTITIONS.register("site")
+def _site_groups(meta: pd.DataFrame, p: Partition, info: Dict[str, object]) -> Dict[str, str]:
+    site = _by_site(meta, p, info)
+    if p.groups_per_site == 1:
+        return site
+    rng = np.random.default_rng(p.seed)
+    out: Dict[str, str] = {}
+    for s in sorted(set(site.values())):
+        lesions = sorted(les for les, v in site.items() if v == s)
+        for i, j in enumerate(rng.permutation(len(lesions))):
+            out[lesions[j]] = f"{s}.{i % p.groups_per_site:03d}"
+    return out
+
+
 def _by_site(meta: pd.DataFrame, p: Partition, info: Dict[str, object]) -> Dict[str, str]:
     if info.get("dataset") == "synthetic":
         lesions = _lesions(meta)
@@ -152,4 +185,4 @@ def class_table(clients: List[Client]) -> pd.DataFrame:
                          for c in clients}, index=list(CLASSES)).T
 
 
-__all__ = ["Client", "PARTITIONS", "Partition", "SYNTHETIC_SITES", "class_table", "partition"]
+__all__ = ["Client", "PARTITIONS", "Partition", "SYNTHETIC_SITES", "class_table", "partition", "site_of"]

@@ -3,7 +3,9 @@
 Each builds an :class:`~.federation.FLConfig` from the profile's typed parameters
 (:class:`dpskin_core.training.recipes.Params`): the clients' local recipe is the profile's
 end-to-end recipe (non-private SGD, or DP-SGD with its levers) on the profile's first network,
-the partition the four HAM10000 sites (four synthetic sites on the embedded data).
+or the proposed technique (colour front end, linear head, noisy class prior); the partition
+the four HAM10000 sites (four synthetic sites on the embedded data), or each site split into
+``FLPlan.groups_per_site`` virtual clients for client-level DP.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Callable, Optional
 
 from ..registry import Registry
 from ..training.recipes import RECIPES, Params
+from .client_level import ClientDP
 from .federation import FLConfig
 from .partitions import Partition
 
@@ -23,56 +26,106 @@ class FLPlan:
     rounds: int = 3
     local_epochs: int = 1
     server_lr: float = 0.01      # fedadam's server step
+    groups_per_site: int = 10    # client-level DP: virtual clients per site
+    client_sample_rate: float = 0.5   # client-level DP: Poisson rate of a client per round
+    client_clipping_norm: float = 1.0  # client-level DP: L2 bound of one client's update
 
 
 @dataclass(frozen=True)
 class FLRecipe:
     name: str
     label: str
-    private: bool
+    level: str                   # where its DP sits: "none", "record" (every client's DP-SGD)
+    #                              or "client" (DP-FedAvg at the server)
     build: Callable[..., FLConfig]
+
+    @property
+    def private(self) -> bool:
+        return self.level != "none"
 
     def config(self, p: Params, plan: FLPlan, *, seed: int = 0,
                target_epsilon: Optional[float] = None) -> FLConfig:
         cfg = self.build(p, plan)
-        run = cfg.run.replace(seed=seed, **({"target_epsilon": target_epsilon} if self.private else {}))
-        return FLConfig.from_dict({**cfg.to_dict(), "run": run.to_dict(),
-                                   "name": f"{self.name} seed {seed}"})
+        run = cfg.run.replace(seed=seed, **({"target_epsilon": target_epsilon}
+                                            if self.level == "record" else {}))
+        d = {**cfg.to_dict(), "run": run.to_dict(), "name": f"{self.name} seed {seed}"}
+        if self.level == "client" and target_epsilon is not None:
+            d["client_dp"] = {**d["client_dp"], "target_epsilon": target_epsilon}
+        return FLConfig.from_dict(d)
 
 
 FL_RECIPES: Registry[FLRecipe] = Registry("federated recipe")
+LEVELS = ("none", "record", "client")
 
 
-def _register(name: str, label: str, private: bool):
+def _register(name: str, label: str, level: str):
+    if level not in LEVELS:
+        raise ValueError(f"unknown DP level {level!r}")
+
     def deco(build: Callable[..., FLConfig]) -> Callable[..., FLConfig]:
-        FL_RECIPES.register(name)(FLRecipe(name, label, private, build))
+        FL_RECIPES.register(name)(FLRecipe(name, label, level, build))
         return build
     return deco
 
 
 def _base(p: Params, plan: FLPlan, recipe: str, **over) -> FLConfig:
-    run = RECIPES.get(recipe).config(p, backbone=p.backbones[0], seed=0,
-                                     **({"target_epsilon": p.epsilons[0]} if RECIPES.get(recipe).private else {}))
-    return FLConfig(run=run, partition=Partition("site"), rounds=plan.rounds,
-                    local_epochs=plan.local_epochs, **over)
+    r = RECIPES.get(recipe)
+    kw = {"backbone": p.backbones[0]} if "backbone" in r.axes else {}
+    run = r.config(p, seed=0, **kw, **({"target_epsilon": p.epsilons[0]} if r.private else {}))
+    return FLConfig(run=run, rounds=plan.rounds, local_epochs=plan.local_epochs,
+                    **{"partition": Partition("site"), **over})
 
 
-@_register("fedavg", "FedAvg", False)
+def _client_dp(p: Params, plan: FLPlan, recipe: str, groups: int, sample_rate: float) -> FLConfig:
+    return _base(p, plan, recipe, partition=Partition("site", groups_per_site=groups),
+                 client_dp=ClientDP(p.epsilons[0], p.delta, plan.client_clipping_norm, sample_rate))
+
+
+@_register("fedavg", "FedAvg", "none")
 def fedavg(p: Params, plan: FLPlan) -> FLConfig:
     """FedAvg of the profile's non-private SGD recipe."""
     return _base(p, plan, "nonprivate-sgd")
 
 
-@_register("fedadam", "FedAdam", False)
+@_register("fedadam", "FedAdam", "none")
 def fedadam(p: Params, plan: FLPlan) -> FLConfig:
     """FedAdam (server-side Adam) of the same clients."""
     return _base(p, plan, "nonprivate-sgd", strategy="fedadam", server_lr=plan.server_lr)
 
 
-@_register("fedavg-dp", "FedAvg, record-level DP-SGD", True)
+@_register("fedavg-dp", "FedAvg, record-level DP-SGD", "record")
 def fedavg_dp(p: Params, plan: FLPlan) -> FLConfig:
     """FedAvg of DP-SGD clients (the profile's DP recipe, its noisy class prior included)."""
     return _base(p, plan, "dp-sgd")
 
 
-__all__ = ["FLPlan", "FLRecipe", "FL_RECIPES"]
+@_register("fedavg-client-dp-sites", "DP-FedAvg, 4 sites", "client")
+def fedavg_client_dp_sites(p: Params, plan: FLPlan) -> FLConfig:
+    """Client-level DP over the four sites themselves, every site every round: too few
+    clients (the noise on the mean is sigma C / 4)."""
+    return _client_dp(p, plan, "nonprivate-sgd", 1, 1.0)
+
+
+@_register("fedavg-client-dp", "DP-FedAvg, virtual clients", "client")
+def fedavg_client_dp(p: Params, plan: FLPlan) -> FLConfig:
+    """Client-level DP over ``groups_per_site`` virtual clients per site (groups of lesions),
+    each taking part with probability ``client_sample_rate``."""
+    return _client_dp(p, plan, "nonprivate-sgd", plan.groups_per_site, plan.client_sample_rate)
+
+
+@_register("fedavg-proposed-dp", "proposed, record-level DP-SGD", "record")
+def fedavg_proposed_dp(p: Params, plan: FLPlan) -> FLConfig:
+    """The proposed technique at every site: colour front end (data-independent), linear
+    head by DP-SGD, each site's noisy class prior (counted in its eps)."""
+    return _base(p, plan, "proposed")
+
+
+@_register("fedavg-proposed-client-dp", "proposed, DP-FedAvg, virtual clients", "client")
+def fedavg_proposed_client_dp(p: Params, plan: FLPlan) -> FLConfig:
+    """The proposed technique's linear head (few weights: little noise in total) trained by
+    DP-FedAvg over the virtual clients; each client's logit adjustment by its own class counts
+    is inside its update, which the clipping and noise cover."""
+    return _client_dp(p, plan, "proposed-nonprivate", plan.groups_per_site, plan.client_sample_rate)
+
+
+__all__ = ["FLPlan", "FLRecipe", "FL_RECIPES", "LEVELS"]

@@ -66,7 +66,11 @@ class Strategy:
 
     def step(self, global_weights: StateDict, updates: Sequence[StateDict],
              n_examples: Sequence[Optional[int]]) -> StateDict:
-        avg = weighted_mean(updates, weights(n_examples))
+        return self.update(global_weights, weighted_mean(updates, weights(n_examples)))
+
+    def update(self, global_weights: StateDict, avg: StateDict) -> StateDict:
+        """The new global model from an aggregate of the clients' weights (their weighted
+        mean, or client-level DP's noisy estimate of it: the server optimiser post-processes it)."""
         return STRATEGIES.get(self.name)(self, global_weights, avg)
 
     def state(self) -> Dict[str, Dict[str, torch.Tensor]]:

@@ -21,7 +21,7 @@ from ..training import run
 from ..training.checkpoint import released_weights
 from ..training.records import default_runs_root
 from ..training.quiet import benign_warnings_silenced
-from .client import evaluate
+from .client import evaluate, for_client
 from .federation import FLConfig, run_federation
 from .partitions import Client
 from .recipes import FL_RECIPES, FLPlan
@@ -52,10 +52,7 @@ def local_only(cfg: FLConfig, clients: List[Client], runs_root: Optional[PathLik
     """One row per client: the client's own model on its own test part."""
     local, rows = cfg.local, []
     for c in clients:
-        if c.n_train < local.batch_size:
-            local_c = local.replace(batch_size=max(1, c.n_train))
-        else:
-            local_c = local
+        local_c = for_client(local, c)
         with benign_warnings_silenced():
             res = run(local_c, _root(runs_root) / "local" / c.name, data=c.data)
         rows.append({"client": c.name, "training": "local only", "epsilon": res.epsilon,
@@ -96,6 +93,55 @@ def global_membership(cfg: FLConfig, weights, clients: List[Client], seed: int =
     return pd.DataFrame(rows)
 
 
+def update_inversion(cfg: FLConfig, weights, client: Client, *, record_sigma: Optional[float],
+                     client_clipping_norm: Optional[float], images: int = 4, steps: int = 300,
+                     seed: int = 0) -> pd.DataFrame:
+    """An honest-but-curious server inverting one client's update (Geiping et al. 2020).
+
+    The attacker's best case: the client takes one local step (FedSGD, learning rate ``lr``) on
+    a batch of one training image from the global model ``weights``, so its update is
+    ``-lr g``; the server minimises the cosine distance between the gradient of a candidate
+    image and ``g`` (:func:`dpskin_core.attacks.reconstruct.gradient_inversion`). For each of
+    the client's first ``images`` training images, one row per DP mode:
+
+    - ``no DP``: the update as sent;
+    - ``record-level DP-SGD``: the client's release, its gradient clipped to ``C`` and noised
+      with std ``record_sigma * C`` (its accountant's sigma);
+    - ``client-level DP-FedAvg``: the server clips the update to ``client_clipping_norm``
+      and noises only the *sum* of the updates, so it sees each update clipped, not noised
+      (central DP protects the released model, not the update from the server).
+
+    Columns: image, mode, psnr (dB), ssim, cosine, and the reconstruction (HWC in [0, 1]).
+    """
+    import torch
+
+    from ..attacks.reconstruct import gradient_inversion
+    from ..attacks.victims import TrainedModel
+    from ..constants import CLASSES
+    from ..training.backbones import build_backbone
+
+    local = cfg.local
+    model = build_backbone(local.backbone, num_classes=len(CLASSES))
+    model.load_state_dict(weights)
+    victim = TrainedModel(model, local)
+    modes = {"no DP": {}}
+    if record_sigma is not None:
+        modes["record-level DP-SGD"] = {"max_grad_norm": local.max_grad_norm,
+                                        "noise_multiplier": float(record_sigma)}
+    if client_clipping_norm is not None:  # clip(-lr g, C) is g clipped to C / lr
+        modes["client-level DP-FedAvg"] = {"max_grad_norm": float(client_clipping_norm) / local.lr}
+    rows = []
+    with torch.enable_grad():
+        for i in range(min(images, len(client.data.y_train))):
+            x, y = client.data.x_train[i], int(client.data.y_train[i])
+            for mode, kw in modes.items():
+                r = gradient_inversion(victim, x, y, steps=steps, seed=seed + i, **kw)
+                rows.append({"client": client.name, "image": i, "label": CLASSES[y], "mode": mode,
+                             "psnr": r.psnr, "ssim": r.ssim, "cosine": r.cosine,
+                             "reconstruction": r.reconstruction, "truth": r.truth})
+    return pd.DataFrame(rows)
+
+
 def sweep(p, plan: FLPlan, seeds: Sequence[int], epsilons: Sequence[float],
           runs_root: Optional[PathLike] = None, verbose: bool = True,
           with_membership: Optional[List[Client]] = None):
@@ -108,8 +154,9 @@ def sweep(p, plan: FLPlan, seeds: Sequence[int], epsilons: Sequence[float],
         r = FL_RECIPES.get(name)
         for seed in seeds:
             for eps in (epsilons if r.private else [None]):
-                res = run_federation(r.config(p, plan, seed=seed, target_epsilon=eps), runs_root,
-                                     progress=False)
+                with benign_warnings_silenced():
+                    res = run_federation(r.config(p, plan, seed=seed, target_epsilon=eps), runs_root,
+                                         progress=False)
                 rows = res.rounds.assign(training=r.label, seed=seed,
                                          budget=f"ε = {eps:g}" if eps else "∞")
                 out.append(rows)
@@ -139,4 +186,4 @@ def references(cfg_of_seed, clients: List[Client], seeds: Sequence[int],
     return pd.concat(frames, ignore_index=True)
 
 
-__all__ = ["global_membership", "local_only", "pooled", "references", "sweep"]
+__all__ = ["global_membership", "local_only", "pooled", "references", "sweep", "update_inversion"]
