@@ -46,7 +46,7 @@ from PIL import Image
 
 from dpskin_core import CLASSES
 from dpskin_core.book.registry import profile_params
-from dpskin_core.book.tables import glue
+from dpskin_core.book.tables import captioned, glue
 from dpskin_core.constants import HAM10000_COUNTS
 from dpskin_core.data import DataSpec, load_data
 from dpskin_core.data.imagecache import crop_resize
@@ -98,7 +98,9 @@ dist = pd.DataFrame({
     "HAM10000 (%)": 100 * ham / ham.sum(),
 })
 dist.index.name = "class"
-dist.round(2)
+captioned(dist.round(2),
+          "tbl-class-distribution",
+          "Images per class in this data set, and the class shares of HAM10000 (%).")
 
 # %% mystnb={"figure": {"caption": "Share of each class in this data set and in HAM10000.", "name": "fig-class-distribution"}}
 fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -164,7 +166,9 @@ glue("share_multi_image_lesions", 100 * (per_lesion > 1).mean(), display=False)
 lesion_table = per_lesion.value_counts().sort_index().rename("lesions").to_frame()
 lesion_table.index.name = "images per lesion"
 lesion_table["images"] = lesion_table.index * lesion_table["lesions"]
-lesion_table
+captioned(lesion_table,
+          "tbl-images-per-lesion",
+          "Lesions by their number of images.")
 
 # %% [markdown]
 # {glue:text}`share_multi_image_lesions:.1f` % of the lesions have more than one image, up to
@@ -176,7 +180,8 @@ lesion_table
 # The split is seeded, stratified by class and grouped by lesion (no lesion appears in two
 # splits); the same split is used by every run of this profile, whatever its training seed.
 # Only the sizes are shown (the number of training images N is treated as public: it sets the
-# sampling rate of DP training); the class counts of the training split are not.
+# sampling rate of DP training); the class counts of the training split are not
+# ({numref}`tbl-split-sizes`).
 
 # %%
 sizes = meta.groupby("split").agg(images=("image", "size"), lesions=("lesion_id", "nunique"))
@@ -186,7 +191,9 @@ glue("n_train", int(sizes.loc["train", "images"]), display=False)
 glue("n_val", int(sizes.loc["val", "images"]), display=False)
 glue("n_test", int(sizes.loc["test", "images"]), display=False)
 glue("n_leaking_lesions", int(leak), display=False)
-sizes
+captioned(sizes,
+          "tbl-split-sizes",
+          "Images and lesions in each split (grouped by lesion).")
 
 # %% [markdown]
 # The training split has {glue:text}`n_train` images, the validation split

@@ -42,7 +42,7 @@ from dpskin_core import CLASSES
 from dpskin_core.book import figures
 from dpskin_core.book.registry import profile_params
 from dpskin_core.book.sweeps import sweep
-from dpskin_core.book.tables import glue, recall_by_class, summary_table
+from dpskin_core.book.tables import captioned, glue, recall_by_class, summary_table
 from dpskin_core.training.metrics import confusion_matrix
 from dpskin_core.training.recipes import RECIPES
 from dpskin_core.training.records import load_metrics, load_predictions
@@ -68,7 +68,8 @@ runs["method"] = runs["label"]
 # %% [markdown]
 # ## Test-set results
 #
-# Mean ± standard deviation over seeds ($n$ = number of seeds) on the test split.
+# Mean ± standard deviation over seeds ($n$ = number of seeds) on the test split
+# ({numref}`tbl-baseline`).
 
 # %%
 table = summary_table(runs, ["backbone", "method"])
@@ -78,7 +79,9 @@ table = table.join(speed.round(0), on=["backbone", "method"]).rename(
 epochs_run = runs.groupby(["backbone", "method"]).agg(
     **{"best epoch": ("eval_epoch", "mean"), "collapsed runs": ("collapsed", "sum")})
 table = table.join(epochs_run, on=["backbone", "method"])
-table.set_index(["backbone", "method"])
+captioned(table.set_index(["backbone", "method"]),
+          "tbl-baseline",
+          "Test metrics of the non-private references (mean ± std over n seeds), their training speed and the epoch chosen on validation.")
 
 # %% tags=["remove-cell"]
 means = runs.groupby(["backbone", "method"])["balanced_accuracy"].agg(["mean", "std", "count"])
@@ -120,8 +123,10 @@ plt.show()
 
 # %%
 recall = recall_by_class(runs, ["backbone", "method"])
-recall.pivot_table(index=["backbone", "method"], columns="class", values="recall",
-                   observed=True)
+captioned(recall.pivot_table(index=["backbone", "method"], columns="class", values="recall",
+                   observed=True),
+          "tbl-baseline-recall",
+          "Test recall per class of the non-private references (mean over seeds).")
 
 # %% [markdown]
 # ## Confusion matrix

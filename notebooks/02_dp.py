@@ -40,7 +40,7 @@ import seaborn as sns
 from dpskin_core.book import figures
 from dpskin_core.book.registry import profile_params
 from dpskin_core.book.sweeps import sweep
-from dpskin_core.book.tables import glue
+from dpskin_core.book.tables import captioned, glue
 from dpskin_core.training.recipes import RECIPES
 from dpskin_core.training.records import load_metrics
 
@@ -130,7 +130,9 @@ figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
 
 # %%
 wide = figures.recall_drop(runs, b0, epsilons, budget_order)
-wide
+captioned(wide,
+          f"tbl-{optimizer}-recall-drop",
+          f"Test recall per class of the {b0} network without privacy and at each budget, and its drop under {DP_NAME} (mean over seeds).")
 
 # %% tags=["hide-input"] mystnb={"figure": {"caption": "Recall of every class without privacy and at each budget (mean over seeds)."}}
 figures.recall_drop_figure(wide);
@@ -174,7 +176,9 @@ units["unit"] = units["privacy_unit"]
 
 # %%
 unit_table = figures.privacy_unit_table(units)
-unit_table
+captioned(unit_table,
+          f"tbl-{optimizer}-privacy-unit",
+          f"{DP_NAME} with one image or one lesion as the privacy unit: test balanced accuracy at the same ε.")
 
 # %% tags=["remove-cell"]
 e_unit = max(P.lesion_epsilons)

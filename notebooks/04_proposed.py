@@ -49,7 +49,7 @@ import seaborn as sns
 from dpskin_core.book import figures
 from dpskin_core.book.registry import profile_params
 from dpskin_core.book.sweeps import sweep
-from dpskin_core.book.tables import glue, recall_by_class, summary_table
+from dpskin_core.book.tables import captioned, glue, recall_by_class, summary_table
 from dpskin_core.training.recipes import RECIPES
 
 sns.set_theme(style="whitegrid", context="notebook")
@@ -79,7 +79,8 @@ runs["ε"] = np.where(runs["dp"].astype(bool), runs["target_epsilon"], np.inf)
 # %% [markdown]
 # ## Balanced accuracy at each budget
 #
-# Test split, mean ± standard deviation over $n$ seeds; $\varepsilon = \infty$ is non-private.
+# Test split ({numref}`tbl-proposed`), mean ± standard deviation over $n$ seeds;
+# $\varepsilon = \infty$ is non-private.
 # *σ* is the noise multiplier of the gradient steps; the proposed runs also release the class
 # histogram with noise of standard deviation *hist σ* (in images), and their *achieved ε* is
 # that of the composition of both.
@@ -91,7 +92,9 @@ extra = runs.groupby(["model", "ε"]).agg(**{
     "achieved ε": ("epsilon", "max"), "σ": ("noise_multiplier", "mean"),
     "hist σ": ("hist σ", "first"), "steps": ("steps", "mean")})
 table = table.join(extra, on=["model", "ε"]).sort_values(["ε", "model"], ascending=[False, True])
-table.set_index(["model", "ε"]).round({"achieved ε": 3, "σ": 3, "steps": 0})
+captioned(table.set_index(["model", "ε"]).round({"achieved ε": 3, "σ": 3, "steps": 0}),
+          "tbl-proposed",
+          "Test metrics of the proposed technique and the end-to-end baselines at each budget (mean ± std over n seeds), with the noise of each release.")
 
 # %% tags=["remove-cell"]
 stats = runs.groupby(["model", "ε"])["balanced_accuracy"].agg(["mean", "std", "count"])
@@ -168,7 +171,9 @@ ab_table = ab.reset_index().pivot_table(index="model", columns="target_epsilon",
                                         values=["mean", "std", "change vs full"])
 ab_table.columns = [f"{stat} (ε = {e:g})" for stat, e in ab_table.columns]
 order = ["full recipe", *(r.label for r in ablations)]
-ab_table.loc[order].round(3)
+captioned(ab_table.loc[order].round(3),
+          "tbl-ablation",
+          "Ablation: test balanced accuracy of the full recipe and of the recipe with each component removed (mean and std over seeds).")
 
 # %% tags=["remove-cell"]
 e_ab = max(ablation_epsilons)

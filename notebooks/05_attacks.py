@@ -69,7 +69,7 @@ from dpskin_core.attacks import audit, cards, reconstruct
 from dpskin_core.book import figures
 from dpskin_core.book.registry import profile_params
 from dpskin_core.book.sweeps import silence_benign_warnings
-from dpskin_core.book.tables import glue
+from dpskin_core.book.tables import captioned, glue
 from dpskin_core.data import load_data
 from dpskin_core.training.recipes import ATTACK_MODELS, RECIPES
 from dpskin_core.training.trainer import data_spec
@@ -170,7 +170,9 @@ for label, exp in mia.items():
                      "MIA AUC": r.auc, "TPR @ 0.1 % FPR": r.tpr_at_fpr[0.001],
                      "TPR @ 1 % FPR": r.tpr_at_fpr[0.01], "attack accuracy": r.balanced_accuracy})
 mia_table = pd.DataFrame(rows)
-mia_table.set_index(["model", "attack"]).round(3)
+captioned(mia_table.set_index(["model", "attack"]).round(3),
+          "tbl-mia",
+          "Membership inference against each model: AUC and true-positive rate at low false-positive rates.")
 
 # %% tags=["remove-cell"]
 best = mia_table.loc[mia_table.groupby("model")["MIA AUC"].idxmax()].set_index("model")
@@ -236,7 +238,9 @@ ext = pd.concat([r.table.assign(victim=v, pool=p) for (v, p, _), r in extraction
 # %%
 ext_table = ext.rename(columns={"balanced_accuracy": "stolen balanced accuracy",
                                 "victim_balanced_accuracy": "victim balanced accuracy"})
-ext_table.set_index(["victim", "pool", "mode", "budget"]).round(3)
+captioned(ext_table.set_index(["victim", "pool", "mode", "budget"]).round(3),
+          "tbl-extraction",
+          "Model extraction: the stolen network's test balanced accuracy beside the victim's, per query pool, answer mode and query budget.")
 
 # %% tags=["remove-cell"]
 glue("backbone", b0, display=False)
@@ -285,7 +289,9 @@ inv_table = inv_table.rename(columns={
     "class_prob": "p(class | inversion)", "psnr_mean": "PSNR vs class mean",
     "ssim_mean": "SSIM vs class mean", "psnr_nearest": "PSNR vs nearest",
     "ssim_nearest": "SSIM vs nearest"})
-inv_table.set_index("model").round(3)
+captioned(inv_table.set_index("model").round(3),
+          "tbl-model-inversion",
+          "Model inversion: similarity of each class's inversion to the mean training image of the class.")
 
 # %% tags=["remove-cell"]
 inv_ssim = {m: r.summary()["ssim_mean"] for m, r in inversions.items()}
@@ -335,7 +341,9 @@ if gi_model is not None:
 
 # %%
 gi_table = pd.DataFrame([{"release": k, **r.summary()} for k, r in grad_inv.items()])
-gi_table.set_index("release")[["psnr", "ssim", "cosine", "noise_multiplier"]].round(3)
+captioned(gi_table.set_index("release")[["psnr", "ssim", "cosine", "noise_multiplier"]].round(3),
+          "tbl-gradient-inversion",
+          "Gradient inversion of one training image from each release of its gradient.")
 
 # %% tags=["hide-input"] mystnb={"figure": {"caption": "Gradient inversion of one training image from its raw gradient and from DP-SGD's releases of it."}}
 if grad_inv:
@@ -384,7 +392,9 @@ aud_table = pd.DataFrame([{
     "guesses r": a.audit.r, "correct v": a.audit.v,
     "largest provable bound": audit.max_lower_bound(a.audit.r, a.audit.beta),
 } for label, a in audits.items()])
-aud_table.set_index("model").round(3)
+captioned(aud_table.set_index("model").round(3),
+          "tbl-audit",
+          "Empirical privacy audit with canaries: the ε lower bound measured against the ε claimed.")
 
 # %% tags=["remove-cell"]
 glue("n_canaries", audit_canaries, display=False)

@@ -40,7 +40,7 @@ from IPython.display import Markdown, display
 from dpskin_core.book import drop
 from dpskin_core.book.registry import profile_params
 from dpskin_core.book.sweeps import recipe_runs, sweep
-from dpskin_core.book.tables import glue
+from dpskin_core.book.tables import captioned, glue
 from dpskin_core.training.recipes import RECIPES
 
 sns.set_theme(style="whitegrid", context="notebook")
@@ -61,18 +61,22 @@ if runs.empty:
                        "chapters 01-03 first (dpskin book)")
 print(f"{len(runs)} runs: {runs['backbone'].nunique()} networks at {P.image_size} px, "
       f"seeds {sorted(int(s) for s in runs['seed'].unique())}")
-drop.network_sizes(P.backbones)
+captioned(drop.network_sizes(P.backbones),
+          "tbl-network-sizes",
+          "The networks compared: trainable parameters (millions) and layers with weights, as the DP runs build them.")
 
 # %% [markdown]
 # ## Balanced accuracy at every budget
 #
 # Test balanced accuracy, mean ± standard deviation over $n$ seeds; *drop*: the non-private
 # mean minus the DP mean (positive: lost to DP); *kept*: the fraction of the non-private
-# score that remains.
+# score that remains ({numref}`tbl-drop`).
 
 # %%
 table = drop.accuracy_table(runs, epsilons)
-table
+captioned(table,
+          "tbl-drop",
+          "Test balanced accuracy of every network at every budget (mean ± std over n seeds), the drop from non-private and the fraction kept.")
 
 # %% tags=["remove-cell"]
 eps_lo, eps_hi = min(epsilons), max(epsilons)
@@ -124,7 +128,9 @@ for e in sorted({eps_lo, eps_hi}):
 # predicts on the test split.
 
 # %%
-drop.collapse_table(runs)
+captioned(drop.collapse_table(runs),
+          "tbl-collapse",
+          "Runs whose released model predicts only one or two classes on the test split.")
 
 # %% [markdown]
 # ## Generalisation to another acquisition site
@@ -144,4 +150,6 @@ if loso.empty:
     display(Markdown(f"*Not measured in the `{P.profile}` profile* (its data has no acquisition "
                      "sites, or `loso_sites` is empty)."))
 else:
-    display(drop.loso_table(loso, runs[runs["recipe"] == "nonprivate-adam"]))
+    display(captioned(drop.loso_table(loso, runs[runs["recipe"] == "nonprivate-adam"]), "tbl-loso",
+                      "Leave one site out: balanced accuracy on every image of the held-out "
+                      "acquisition site beside the lesion-grouped test split."))

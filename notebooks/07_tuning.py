@@ -53,7 +53,7 @@ import matplotlib.pyplot as plt
 from dpskin_core.book.registry import profile_params
 from dpskin_core.book.search import SearchSpace, cost_curve, private_search, winner_runs
 from dpskin_core.book.sweeps import recipe_runs
-from dpskin_core.book.tables import fmt_mean_std, glue
+from dpskin_core.book.tables import captioned, fmt_mean_std, glue
 from dpskin_core.training.recipes import RECIPES
 
 sns.set_theme(style="whitegrid", context="notebook")
@@ -70,12 +70,14 @@ seeds_s = list(search_seeds if search_seeds is not None else P.seeds)
 # number of trials is $\mathbb{E}[K]$.
 
 # %%
-pd.DataFrame({"values": [", ".join(f"{v:g}" for v in getattr(space, k))
+captioned(pd.DataFrame({"values": [", ".join(f"{v:g}" for v in getattr(space, k))
                          for k in ("lr", "batch_size", "epochs", "max_grad_norm")]
               + [f"{space.expected_trials:g}", f"{space.eta:g}", f"{space.gamma:.4f}",
                  str(len(space.candidates()))]},
              index=["learning rate", "expected batch size", "epochs", "clipping bound C",
-                    "E[K]", "η", "γ", "candidates"])
+                    "E[K]", "η", "γ", "candidates"]),
+          "tbl-search-space",
+          "The hyperparameter search space and the parameters of the random number of trials.")
 
 # %% [markdown]
 # ## The searches
@@ -107,7 +109,9 @@ cols = {"recipe": "recipe", "backbone": "network", "target_epsilon": "target ε"
         "search_epsilon_run": "ε (winning run)", "search_epsilon_search": "ε (with the search)"}
 released = won[list(cols)].rename(columns=cols)
 glue("delta", P.delta, display=False)
-released.set_index(["recipe", "network", "target ε", "seed"]).round(3)
+captioned(released.set_index(["recipe", "network", "target ε", "seed"]).round(3),
+          "tbl-search-released",
+          "What each private search released: the winner's hyperparameters, its scores and ε with and without the search.")
 
 # %% [markdown]
 # ## Against the hand-chosen recipe
@@ -130,7 +134,9 @@ for (r, b, e), g in won.groupby(["recipe", "backbone", "target_epsilon"]):
                                         if len(f) else "—"),
                  "n runs": len(f)})
 comparison = pd.DataFrame(rows).set_index(["recipe", "network", "target ε"])
-comparison
+captioned(comparison,
+          "tbl-search-vs-fixed",
+          "Searched winners against the hand-chosen recipe: test balanced accuracy (mean ± std over n).")
 
 # %% [markdown]
 # ## What the random number of trials saves

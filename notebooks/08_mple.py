@@ -58,7 +58,7 @@ from IPython.display import Markdown, display
 from dpskin_core.book.figures import image_grid
 from dpskin_core.book.registry import profile_params
 from dpskin_core.book.sweeps import sweep
-from dpskin_core.book.tables import fmt_mean_std, glue
+from dpskin_core.book.tables import captioned, fmt_mean_std, glue
 from dpskin_core.data.datasets import DataSpec, load_data
 from dpskin_core.mple import evaluate
 from dpskin_core.mple.layer import split_first_conv
@@ -128,7 +128,9 @@ table = pd.DataFrame({
     "ε run": g["epsilon"].mean(),
 })
 table = table.reindex(sorted(table.index, key=lambda i: (nets.index(i[0]), order.index(i[1]), i[2])))
-table
+captioned(table,
+          "tbl-mple-accuracy",
+          "MpLe and its references: test balanced accuracy and membership inference (mean ± std over n seeds).")
 
 # %% tags=["remove-cell"]
 means = runs[runs["backbone"] == backbone].groupby("model")["balanced_accuracy"].mean()
@@ -158,7 +160,9 @@ x_test = normalised(data.x_test, configs("nonprivate-adam")[0])
 trained = load_trained(plain[(plain["recipe"] == "mple/plain-no-augmentation")
                              & (plain["backbone"] == backbone)]["run_dir"].iloc[0]).model
 par = evaluate.parity(trained, first.key, x_test[:256], perm_seed=1)
-pd.Series(par).to_frame("value")
+captioned(pd.Series(par).to_frame("value"),
+          "tbl-mple-parity",
+          "Parity: the augmented layer on morphed images against the plain network on plain ones.")
 
 # %% tags=["remove-cell"]
 glue("parity", par["max_abs_logit_difference"])
@@ -187,7 +191,9 @@ for b in cost_backbones:
     cost_rows += [dict(network=b, **r) for r in evaluate.cost(build_backbone(b, num_classes=7), first.key,
                                                               x_test, x_uint8)]
 cost = pd.DataFrame(cost_rows)
-cost.set_index(["network", "quantity"])[["plain", "mple", "ratio", "unit"]]
+captioned(cost.set_index(["network", "quantity"])[["plain", "mple", "ratio", "unit"]],
+          "tbl-mple-cost",
+          "Cost of MpLe beside the plain network (first layer, morphing and transmission), with the ratio.")
 
 # %% [markdown]
 # ## Security, measured
@@ -211,7 +217,9 @@ n_att = min(attack_images, len(x_test))
 xa, za = x_test[:n_att], z_test[:n_att]
 kp = evaluate.known_plaintext_curve(x_train, z_train, xa, za, first.key, kp_pairs)
 kp_table = pd.DataFrame([{k: v for k, v in r.items() if k != "recovered"} for r in kp]).set_index("pairs")
-kp_table
+captioned(kp_table,
+          "tbl-mple-known-plaintext",
+          "Known-plaintext attack: recovery of held-out images from N leaked image pairs.")
 
 # %% tags=["hide-input"] mystnb={"figure": {"caption": "Known-plaintext attack on the MpLe key: PSNR and SSIM of the recovered images against the number of plaintext pairs.", "name": "fig-mple-known-plaintext"}}
 fig, axes = plt.subplots(1, 2, figsize=(8, 3))
@@ -240,7 +248,9 @@ plt.show()
 # %%
 ma = evaluate.model_attack(first.augmented, first.first_layer, first.key, first.perm, xa, za)
 m_inv = ma.pop("m_inv")
-pd.Series(ma).to_frame("value")
+captioned(pd.Series(ma).to_frame("value"),
+          "tbl-mple-from-model",
+          "Recovering the morphing from the model, without a single image.")
 
 # %% [markdown]
 # ### Ciphertext only
@@ -261,7 +271,9 @@ x_public = normalised(load_data(pub_cfg).x_train, configs("nonprivate-adam")[0])
 glue("n_public", len(x_public))
 co = evaluate.ciphertext_only(z_test, x_public, first.key, x_test)
 co_images = co.pop("images")
-pd.Series(co).to_frame("value")
+captioned(pd.Series(co).to_frame("value"),
+          "tbl-mple-ciphertext-only",
+          "Ciphertext-only attack with public look-alike images.")
 
 # %% tags=["hide-input"] mystnb={"figure": {"caption": "Ciphertext-only attack: test images, their morphed rows, and what moment matching to public images recovers.", "name": "fig-mple-ciphertext-only"}}
 def show(x):
@@ -300,7 +312,9 @@ seen = {"non-private Adam": "the images", "plain, no augmentation": "the images"
         "MpLe + DP-SGD": f"recovered: PSNR {ma['psnr_db']:.0f} dB, SSIM {ma['ssim']:.3f}"}
 side = table[["balanced accuracy", "n", "membership AUC", "TPR at 1 % FPR"]].copy()
 side["the service provider sees"] = [seen[m] for _, m, _ in side.index]
-side
+captioned(side,
+          "tbl-mple-side-by-side",
+          "Plain, MpLe, DP-SGD and MpLe + DP-SGD: accuracy, membership inference and what the service provider sees.")
 
 # %% [markdown]
 # ## The claims against the measurements
@@ -325,7 +339,9 @@ measured = pd.DataFrame([
      "ratio": float(ma["permutation_recovered"]),
      "source": f"P recovered from the model; images at {ma['psnr_db']:.0f} dB PSNR"},
 ])
-pd.concat([pd.DataFrame(evaluate.CLAIMS), measured], ignore_index=True).set_index(["quantity", "system"]).sort_index()
+captioned(pd.concat([pd.DataFrame(evaluate.CLAIMS), measured], ignore_index=True).set_index(["quantity", "system"]).sort_index(),
+          "tbl-mple-claims",
+          "The published claims against this implementation's measurements.")
 
 # %% [markdown]
 # ## Verdict

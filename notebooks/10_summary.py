@@ -35,7 +35,7 @@ from dpskin_core.attacks.cards import read_attack_summary
 from dpskin_core.book import figures
 from dpskin_core.book.registry import profile_params
 from dpskin_core.book.sweeps import recipe_runs
-from dpskin_core.book.tables import glue, recall_by_class, summary_table
+from dpskin_core.book.tables import captioned, glue, recall_by_class, summary_table
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)
@@ -60,14 +60,16 @@ print(f"{len(runs)} runs from {runs_root} ({runs['method'].nunique()} methods, "
 # ## The privacy-utility table
 #
 # Test-set metrics per method and target budget ($\varepsilon = \infty$: non-private),
-# mean ± standard deviation over $n$ seeds.
+# mean ± standard deviation over $n$ seeds ({numref}`tbl-summary`).
 
 # %%
 table = summary_table(runs, ["backbone", "method", "ε"])
 achieved = runs.groupby(["backbone", "method", "ε"])["epsilon"].max().rename("max achieved ε")
 table = table.join(achieved, on=["backbone", "method", "ε"])
 table = table.sort_values(["backbone", "ε", "method"], ascending=[True, False, True])
-table.set_index(["backbone", "method", "ε"]).round({"max achieved ε": 3})
+captioned(table.set_index(["backbone", "method", "ε"]).round({"max achieved ε": 3}),
+          "tbl-summary",
+          "The privacy-utility table: test metrics per method and budget (mean ± std over n seeds).")
 
 # %% [markdown]
 # ## Privacy under attack
@@ -85,8 +87,11 @@ if privacy is None:
     display(Markdown(f"*No attack results in `{runs_root}` yet: the attacks chapter has not been "
                      "executed for this profile (`dpskin book --only 05_attacks`).*"))
 else:
-    display(figures.privacy_table(privacy)[["ε", "δ", "balanced accuracy", "MIA AUC",
-                                            "TPR @ 0.1 % FPR", "ε lower bound"]])
+    display(captioned(figures.privacy_table(privacy)[["ε", "δ", "balanced accuracy", "MIA AUC",
+                                                      "TPR @ 0.1 % FPR", "ε lower bound"]],
+                      "tbl-summary-privacy",
+                      "Privacy measured: each attacked model's ε, balanced accuracy, membership "
+                      "inference and the audit's ε lower bound."))
 
 # %% tags=["remove-cell"]
 # the summary chapter's sentences: the most exposed non-private model (highest MIA AUC), the

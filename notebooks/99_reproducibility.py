@@ -58,7 +58,7 @@ import seaborn as sns
 import dpskin_core
 from dpskin_core.book.registry import load_registry, profile_params, thaw
 from dpskin_core.book.sweeps import current_runs
-from dpskin_core.book.tables import glue
+from dpskin_core.book.tables import captioned, glue
 from dpskin_core.training.records import code_version, git_commit, package_versions
 
 pd.set_option("display.max_colwidth", 80)
@@ -82,7 +82,9 @@ for name, p in reg.profiles.items():
                  "batch": v.get("batch_size"), "description": p.description})
 profiles = pd.DataFrame(rows)
 glue("profile", profile, display=False)
-profiles
+captioned(profiles,
+          "tbl-profiles",
+          "The profiles of experiments.yml.")
 
 # %% [markdown]
 # This book was built with the **{glue:text}`profile`** profile.
@@ -95,7 +97,9 @@ profiles
 # %%
 versions = {"dpskin code version": code_version(), **{k: str(v) for k, v in git_commit().items()},
             **package_versions()}
-pd.DataFrame(versions.items(), columns=["item", "version"])
+captioned(pd.DataFrame(versions.items(), columns=["item", "version"]),
+          "tbl-versions",
+          "Code version and the versions of the software this book was built with.")
 
 # %% [markdown]
 # ## Notebook executions
@@ -111,7 +115,9 @@ for f in sorted(Path("book/results").glob("*.json")):
                     "status": r.get("status"), "hash": str(r.get("hash", ""))[:12],
                     "code version": r.get("code_version"), "started (UTC)": r.get("started"),
                     "wall time (s)": r.get("wall_s")})
-pd.DataFrame(records)
+captioned(pd.DataFrame(records),
+          "tbl-executions",
+          "One record per executed notebook: parameters hash, start time and duration.")
 
 # %% [markdown]
 # ## The run record behind every number
@@ -132,7 +138,9 @@ cols = {"run": "run id", "method": "method", "backbone": "backbone", "dataset": 
 table = runs[[c for c in cols if c in runs]].rename(columns=cols) if len(runs) else pd.DataFrame()
 if len(table):
     table = table.sort_values(["method", "backbone", "target ε", "seed"], na_position="first")
-table.set_index("run id") if len(table) else table
+captioned(table.set_index("run id") if len(table) else table,
+          "tbl-run-records",
+          "Every run of the current code version and the folder of its record.")
 
 # %% [markdown]
 # {glue:text}`n_runs` runs, {glue:text}`train_hours:.2f` hours of training in total.
@@ -179,4 +187,6 @@ else:
 if bench_file.is_file():
     speed = ok.pivot_table(index=["backbone", "image_size", "threads"], columns="mode",
                            values=["time_ratio", "memory_ratio", "input_pipeline_share"]).round(3)
-    display(speed)  # noqa: F821 (IPython's display)
+    display(captioned(speed, "tbl-speed",  # noqa: F821 (IPython's display)
+                      "DP step time and memory relative to the non-private step, and the input "
+                      "pipeline's share, per network, image size and thread count."))

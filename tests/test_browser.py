@@ -189,12 +189,13 @@ def test_results_chapters_have_figures_and_tables(browser):
     assert not empty, f"results chapters without figures or tables: {empty}"
 
 
-def test_every_figure_has_a_number_and_a_caption(browser):
-    """Each results image is a numbered figure ("Fig. 9.1") with its caption, and the text's
-    references to figures resolved to their numbers."""
+def test_every_figure_and_table_has_a_number_and_a_caption(browser):
+    """Each results image is a numbered figure ("Fig. 9.1") and each results table a numbered
+    table ("Table 9.2") with its caption, and the text's references to them resolved to their
+    numbers."""
     from selenium.webdriver.common.by import By
 
-    unnumbered, refs = [], 0
+    unnumbered, refs = [], {"Fig.": 0, "Table": 0}
     for page in [p for p in toc_pages() if p.startswith("book/results/")]:
         _open(browser, HTML / page)
         for img in browser.find_elements(By.CSS_SELECTOR, ".cell_output img"):
@@ -202,11 +203,18 @@ def test_every_figure_has_a_number_and_a_caption(browser):
             num = fig[0].find_elements(By.CSS_SELECTOR, ".caption-number") if fig else []
             if not num or not num[0].text.strip().startswith("Fig."):
                 unnumbered.append(f"{page}: {img.get_attribute('src')[-40:]}")
+        for t in browser.find_elements(By.CSS_SELECTOR, ".cell_output table"):
+            num = t.find_elements(By.CSS_SELECTOR, "caption .caption-number")
+            text = t.find_elements(By.CSS_SELECTOR, "caption .caption-text")
+            if not num or not num[0].text.strip().startswith("Table") or not text \
+                    or not text[0].text.strip():
+                unnumbered.append(f"{page}: table {t.text[:60]!r}")
         for a in browser.find_elements(By.CSS_SELECTOR, "a.reference.internal span.std-numref"):
-            refs += 1
-            assert a.text.startswith("Fig."), f"{page}: a figure reference reads {a.text!r}"
-    assert not unnumbered, f"figures without a number: {unnumbered[:10]}"
-    assert refs > 0, "no figure is referred to by number"
+            kind = next((k for k in refs if a.text.startswith(k)), None)
+            assert kind, f"{page}: a reference reads {a.text!r}"
+            refs[kind] += 1
+    assert not unnumbered, f"figures or tables without a number: {unnumbered[:10]}"
+    assert all(refs.values()), f"references by number: {refs}"
 
 
 def test_the_bibliography_lists_every_entry_and_citations_resolve(browser):

@@ -149,7 +149,7 @@ def test_the_server_survives_a_failed_client_and_refuses_too_few(tmp_path, synth
     names = [c.name for c in clients]
     w0 = fl_client.initial_weights(cfg.local)
 
-    def fit_all(rnd, w, asked, bad=1):
+    def fit_all(rnd, w, asked, prior, bad=1):
         out = {c.name: fl_client.fit(c, cfg.local, w, rnd, 1, tmp_path / c.name) for c in clients[bad:]}
         out.update({c.name: DataError(f"site {c.name}: images missing") for c in clients[:bad]})
         return out
@@ -160,7 +160,7 @@ def test_the_server_survives_a_failed_client_and_refuses_too_few(tmp_path, synth
     assert (rows.loc[names[1:], "status"] == "ok").all()
     assert not torch.equal(res.weights["classifier.weight"], w0["classifier.weight"])
     with pytest.raises(FederationError, match="fewer than min_clients=2"):
-        serve(cfg, tmp_path / "fed2", names, lambda r, w, a: fit_all(r, w, a, bad=3), lambda w: {})
+        serve(cfg, tmp_path / "fed2", names, lambda r, w, a, p: fit_all(r, w, a, p, bad=3), lambda w: {})
     assert json.loads((tmp_path / "fed2" / "meta.json").read_text())["status"] == "failed"
 
 
@@ -183,10 +183,11 @@ def test_federation_in_one_process_improves_and_resumes(tmp_path, synth):
 
 def test_deployment_on_flower_matches_one_process(tmp_path):
     """Two rounds with four SuperNodes (one per synthetic site): the global model improved,
-    every client's eps is recorded, and it is the in-process federation's model."""
+    every client's eps is recorded, and it is the in-process federation's model (the clients'
+    logit adjustment by the summed noisy histograms: asked for over Flower, the same prior)."""
     from dpskin_core.federated.deploy import deploy
 
-    cfg = FLConfig(name="ci", run=_run(dp=True), rounds=2)
+    cfg = FLConfig(name="ci", run=_run(dp=True, logit_adjust=True), rounds=2, prior="global")
     data = load_data(DataSpec("synthetic", None, 16, synth_n=400))
     res = deploy(cfg, tmp_path / "deployed", startup_timeout_s=120, run_timeout_s=600, data=data)
     assert res.meta["status"] == "complete" and len(res.meta["clients"]) == 4
@@ -198,6 +199,58 @@ def test_deployment_on_flower_matches_one_process(tmp_path):
     local = run_federation(cfg, tmp_path / "local", data=data, progress=False)
     for k in res.weights:
         assert torch.allclose(res.weights[k], local.weights[k], atol=1e-5), k
+    prior = json.loads((res.folder / "prior.json").read_text())
+    assert prior["clients"] == sorted(SYNTHETIC_SITES)
+    assert prior["counts"] == pytest.approx(json.loads((local.folder / "prior.json").read_text())["counts"])
+
+
+def test_the_global_prior_is_the_sum_of_the_releases_already_counted(tmp_path, synth):
+    """prior='global': each client's histogram is the noisy release its own logit adjustment
+    makes (same secret noise, so one release, counted once in its eps), the server sums them
+    once (a resumed federation reads the sum back), and every client trains with the sum."""
+    cfg = FLConfig(run=_run(dp=True, logit_adjust=True).replace(dp_noise="secret"), rounds=2, prior="global")
+    clients = partition(synth, cfg.partition)
+    res = run_federation(cfg, tmp_path, data=synth, progress=False)
+    folder = res.folder
+    own = {c.name: fl_client.class_histogram(c, cfg.local, folder / "clients" / c.name) for c in clients}
+    for c in clients:  # noisy, and the same noise as its release before training
+        exact = np.bincount(c.data.y_train, minlength=7)
+        assert not np.allclose(own[c.name], exact)
+        assert np.allclose(own[c.name], fl_client.class_histogram(c, cfg.local, folder / "clients" / c.name))
+        hist, eps = fl_client.spent(folder / "clients" / c.name, cfg.local)
+        assert hist[0] == (cfg.run.hist_noise, 1.0, 1) and len(hist) == 3  # histogram + 2 rounds
+        assert eps <= cfg.run.target_epsilon + 1e-6
+    prior = json.loads((folder / "prior.json").read_text())
+    assert prior["counts"] == pytest.approx(np.sum(list(own.values()), axis=0), abs=1e-3)
+    assert res.meta["privacy"]["class_prior"].startswith("the sum")
+    # the local-prior federation trains each client with its own counts: a different model
+    local = run_federation(FLConfig.from_dict({**cfg.to_dict(), "prior": "local"}), tmp_path,
+                           data=synth, progress=False)
+    assert not torch.equal(local.weights["classifier.weight"], res.weights["classifier.weight"])
+
+    calls = []
+
+    def histograms_all():
+        calls.append(1)
+        return {c.name: own[c.name] for c in clients}
+
+    fresh = FLConfig.from_dict({**cfg.to_dict(), "rounds": 1})
+    names = [c.name for c in clients]
+    fit_all = lambda r, w, a, p: {"x": DataError("stop")}  # noqa: E731 (the prior is all we need)
+    with pytest.raises(FederationError):
+        serve(fresh, tmp_path / "f", names, fit_all, lambda w: {}, False, histograms_all)
+    with pytest.raises(FederationError):  # resumed: the sum is read back, not asked for again
+        serve(fresh, tmp_path / "f", names, fit_all, lambda w: {}, False, histograms_all)
+    assert len(calls) == 1
+
+
+def test_a_global_prior_needs_noisy_histograms():
+    with pytest.raises(ConfigError, match="prior: 'pooled' is not one of local, global"):
+        FLConfig(prior="pooled")
+    with pytest.raises(ConfigError, match="needs record-level DP clients"):
+        FLConfig(run=_run(dp=True), prior="global")  # no logit adjustment
+    with pytest.raises(ConfigError, match="needs record-level DP clients"):
+        FLConfig(run=_run(logit_adjust=True), prior="global")  # non-private clients
 
 
 def test_client_level_dp_on_flower_matches_one_process(tmp_path):
@@ -283,7 +336,8 @@ def test_federated_recipes_build_for_every_profile():
 
     reg = load_registry()
     assert FL_RECIPES.names() == ["fedadam", "fedavg", "fedavg-client-dp", "fedavg-client-dp-sites",
-                                  "fedavg-dp", "fedavg-proposed-client-dp", "fedavg-proposed-dp"]
+                                  "fedavg-dp", "fedavg-proposed-client-dp", "fedavg-proposed-dp",
+                                  "fedavg-proposed-dp-local-prior"]
     for profile in reg.profiles:
         p = reg.params(profile)
         for name in FL_RECIPES:
@@ -295,6 +349,7 @@ def test_federated_recipes_build_for_every_profile():
                 3.0 if r.level == "client" else None)
             assert (cfg.client_dp is None) == (r.level != "client")
             assert cfg.partition.scheme == "site" and cfg.local.lr_schedule == "constant"
+            assert cfg.prior == ("global" if name == "fedavg-proposed-dp" else "local")
 
 
 def test_membership_inference_on_the_global_model(tmp_path, synth):

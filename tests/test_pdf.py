@@ -82,3 +82,15 @@ def test_figures_are_numbered_with_their_captions(text):
     # the captions of figures every profile draws (conditional ones may be absent on smoke)
     shown = [c for c in captions if " ".join(c.split())[:40] in text]
     assert len(shown) >= 0.8 * len(captions), f"{len(shown)} of {len(captions)} captions in the PDF"
+
+
+def test_tables_are_numbered_latex_tables(text):
+    """A results table reaches the PDF as a numbered LaTeX table with its caption (not as a
+    monospaced dump of pandas' text form)."""
+    captions = []
+    for src in sorted((ROOT / "notebooks").glob("*.py")):
+        captions += re.findall(r'captioned\(.*?,\s*f?"tbl-[^"]*",\s*f?"([^"{]{20,})', src.read_text(), re.S)
+    numbered = re.findall(r"Table \d+\.\d+: ", text)
+    assert len(numbered) >= 0.8 * len(captions), f"{len(numbered)} numbered tables, {len(captions)} captioned"
+    shown = [c for c in captions if " ".join(c.split())[:30] in text]
+    assert len(shown) >= 0.8 * len(captions), f"{len(shown)} of {len(captions)} table captions in the PDF"

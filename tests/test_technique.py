@@ -109,3 +109,23 @@ def test_technique_end_to_end(tmp_path, extra):
     probs = pd.read_csv(res.run_dir / "predictions.csv").filter(like="prob_").to_numpy()
     np.testing.assert_allclose(probs, load_trained(res.run_dir).predict_proba(random_bundle().x_test),
                                atol=1e-5)
+
+
+def test_a_given_prior_replaces_the_release_but_not_its_accounting():
+    """build_criterion(prior_counts=...): the loss shifts by the given prior (a federation's
+    summed histograms), the run's own noisy histogram is still recorded and counted."""
+    from dpskin_core.training.trainer import build_criterion
+
+    data = random_bundle()
+    cfg = RunConfig(**BASE, dp=True, target_epsilon=8.0, logit_adjust=True, hist_noise=5.0)
+    given = np.array([100.0, 50, 20, 10, 5, 2, 1])
+    loss, prefix, released = build_criterion(cfg, data, torch.device("cpu"), 7, prior_counts=given)
+    assert torch.allclose(loss.shift, torch.tensor(log_prior(given), dtype=torch.float32) * cfg.la_tau)
+    assert prefix == ((5.0, 1.0, 1),) and len(released["class_histogram"]) == 7
+    assert released["prior"]["counts"] == given.tolist()
+    own, _, _ = build_criterion(cfg, data, torch.device("cpu"), 7)
+    assert not torch.allclose(own.shift, loss.shift)
+    with pytest.raises(ConfigError, match="logit_adjust is off"):
+        build_criterion(cfg.replace(logit_adjust=False), data, torch.device("cpu"), 7, prior_counts=given)
+    with pytest.raises(ConfigError, match="7 finite class counts"):
+        build_criterion(cfg, data, torch.device("cpu"), 7, prior_counts=[1.0, float("nan")])

@@ -1,7 +1,12 @@
 """Tables of run rows for the book: mean ± std over seeds, per-class recall, eps over
-training, and ``glue`` for the numbers the prose quotes."""
+training, numbered captioned tables (:func:`captioned`), and ``glue`` for the numbers the
+prose quotes."""
 from __future__ import annotations
 
+import html
+import math
+import re
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import pandas as pd
@@ -65,3 +70,81 @@ def glue(name: str, value: Any, display: bool = False) -> None:
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
         value = value.item()
     _glue(name, value, display=display)
+
+
+# CommonMark lets any ASCII punctuation be backslash-escaped; these would otherwise end a cell
+# (|), start emphasis or a role (* _ ` { }), open maths ($) or raw HTML (< >) in MyST
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>$|#~^!&])")
+_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+def _cell(value: Any) -> str:
+    """One value as table text: floats with up to 4 significant decimals, missing as "–"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "–"
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # numpy scalars print as np.float64(...) otherwise
+    if isinstance(value, float):
+        text = f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.4f}".rstrip("0").rstrip(".")
+        return "0" if text in ("-0", "") else text
+    if isinstance(value, tuple):
+        value = " / ".join(str(v) for v in value)
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def _flat(df: pd.DataFrame) -> pd.DataFrame:
+    """Index levels as leading columns (a RangeIndex dropped), column levels joined by " "."""
+    named = any(n is not None for n in df.index.names)
+    out = df.reset_index() if named or not isinstance(df.index, pd.RangeIndex) else df.copy()
+    if isinstance(out.columns, pd.MultiIndex):
+        out.columns = [" ".join(str(p) for p in c if str(p)) for c in out.columns]
+    return out
+
+
+@dataclass(frozen=True)
+class Table:
+    """A results table with a number, a caption and a label the prose refers to with
+    ``{numref}`<name>```.
+
+    Jupyter shows it as pandas' HTML table with the caption; the book (HTML and LaTeX
+    builders, ``nb_mime_priority_overrides`` in ``_config.yml``) renders its ``text/markdown``
+    form, a MyST ``{table}`` directive, so Sphinx numbers it ("Table 9.2") and the PDF gets a
+    real LaTeX table rather than a monospaced text dump.
+    """
+
+    frame: pd.DataFrame
+    name: str
+    caption: str
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"table name {self.name!r}: lower-case letters, digits and '-' only "
+                             "(it is a cross-reference label)")
+        if not self.caption.strip():
+            raise ValueError(f"table {self.name!r}: the caption is empty")
+
+    def markdown(self) -> str:
+        """The MyST ``{table}`` directive holding a pipe table of the frame."""
+        flat = _flat(self.frame)
+        head = [_cell(c) or " " for c in flat.columns]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        for row in flat.itertuples(index=False):
+            lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+        caption = " ".join(self.caption.split())
+        return f"```{{table}} {caption}\n:name: {self.name}\n\n" + "\n".join(lines) + "\n```\n"
+
+    def _repr_html_(self) -> str:
+        body = self.frame.to_html(na_rep="–", float_format=lambda v: _cell(float(v)))
+        return f"<p><b>{html.escape(self.caption)}</b></p>\n{body}"
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
+        return {"text/html": self._repr_html_(), "text/markdown": self.markdown(),
+                "text/plain": f"{self.caption}\n{self.frame.to_string()}"}
+
+
+def captioned(frame: pd.DataFrame | pd.Series, name: str, caption: str) -> Table:
+    """``frame`` as a numbered table labelled ``name`` (``tbl-...``) with ``caption``: the last
+    expression of a notebook cell, in place of the bare frame."""
+    if isinstance(frame, pd.Series):
+        frame = frame.to_frame()
+    return Table(frame, name, caption)

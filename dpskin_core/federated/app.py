@@ -16,15 +16,16 @@ import json
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from ..errors import DpskinError
 from ..files import read_json
-from .client import FitResult, evaluate, fit
+from .client import FitResult, class_histogram, evaluate, fit
 from .federation import FederationError, FLConfig, record_failure, serve
 from .partitions import Client
 
@@ -60,8 +61,15 @@ def _state_dir(context: Context, folder: Path, name: str) -> Path:
 
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which client this SuperNode is (the server holds no data and learns it so)."""
-    return Message(RecordDict({"client": ConfigRecord({"name": _client(context).name})}), reply_to=msg)
+    """Which client this SuperNode is (the server holds no data and learns it so); asked with
+    ``ask=histogram``, also its noisy class histogram (the federation's global prior)."""
+    c = _client(context)
+    info: Dict[str, str] = {"name": c.name}
+    ask = msg.content["config"]["ask"] if "config" in msg.content else "name"
+    if ask == "histogram":
+        cfg, folder = _config(context)
+        info["histogram"] = json.dumps(class_histogram(c, cfg.local, _state_dir(context, folder, c.name)).tolist())
+    return Message(RecordDict({"client": ConfigRecord(info)}), reply_to=msg)
 
 
 @client_app.train()
@@ -69,8 +77,9 @@ def train(msg: Message, context: Context) -> Message:
     cfg, folder = _config(context)
     c = _client(context)
     rnd = int(msg.content["config"]["round"])
+    prior = msg.content["config"].get("prior")
     r = fit(c, cfg.local, msg.content["arrays"].to_torch_state_dict(), rnd, cfg.local_epochs,
-            _state_dir(context, folder, c.name))
+            _state_dir(context, folder, c.name), None if prior is None else np.asarray(json.loads(str(prior))))
     info = {"name": c.name, "history": json.dumps(r.history)}
     metrics = {} if r.n_examples is None else {"num-examples": r.n_examples}
     return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=r.weights),
@@ -131,12 +140,26 @@ def _main(grid: Grid, context: Context, cfg: FLConfig, folder: Path) -> None:
         raise FederationError(f"{len(names)} of {expected} SuperNodes named their client within "
                               f"{cfg.connect_timeout_s:g} s: {sorted(names.values())}")
 
-    def fit_all(rnd: int, weights, asked: List[str]) -> Dict[str, Union[FitResult, BaseException]]:
+    def histograms_all() -> Dict[str, Union[np.ndarray, BaseException]]:
+        content = RecordDict({"config": ConfigRecord({"ask": "histogram"})})
+        replies = _send(grid, sorted(names), MessageType.QUERY, content, 0, cfg.round_timeout_s)
+        out: Dict[str, Union[np.ndarray, BaseException]] = {}
+        for node, m in replies.items():
+            name = names.get(node, f"node {node}")
+            out[name] = (DpskinError(m.error.reason) if m.has_error()
+                         else np.asarray(json.loads(str(m.content["client"]["histogram"]))))
+        return out
+
+    def fit_all(rnd: int, weights, asked: List[str],
+                prior: Optional[np.ndarray]) -> Dict[str, Union[FitResult, BaseException]]:
         if rnd > 1:
             names.clear()
             names.update(_names(grid, 0, cfg.round_timeout_s, rnd))
+        conf: Dict[str, Union[int, str]] = {"round": rnd}
+        if prior is not None:
+            conf["prior"] = json.dumps(np.asarray(prior).tolist())
         content = RecordDict({"arrays": ArrayRecord(torch_state_dict=weights),
-                              "config": ConfigRecord({"round": rnd})})
+                              "config": ConfigRecord(conf)})
         out: Dict[str, Union[FitResult, BaseException]] = {}
         nodes = sorted(n for n, name in names.items() if name in asked)
         replies = _send(grid, nodes, MessageType.TRAIN, content, rnd, cfg.round_timeout_s)
@@ -159,7 +182,8 @@ def _main(grid: Grid, context: Context, cfg: FLConfig, folder: Path) -> None:
         return {names[n]: dict(m.content["metrics"]) for n, m in replies.items()
                 if not m.has_error() and n in names}
 
-    serve(cfg, folder, sorted(set(names.values())), fit_all, evaluate_all, progress=False)
+    serve(cfg, folder, sorted(set(names.values())), fit_all, evaluate_all, progress=False,
+          histograms_all=histograms_all)
 
 
 __all__ = ["client_app", "server_app"]

@@ -86,10 +86,31 @@ def noise_multiplier(state_dir: Path) -> Optional[float]:
     return float(rounds[min(rounds, key=int)][0]) if rounds else None
 
 
+def class_histogram(client: Client, cfg: RunConfig, state_dir: Path) -> np.ndarray:
+    """The client's noisy class histogram, released once to the server for the federation's
+    global prior: the very release its own logit adjustment would make (same mechanism, same
+    noise from the client's secret seed), so it is the histogram step its accountant already
+    counts (:func:`.training.trainer.prefix_history`), not a second release."""
+    from ..training.checkpoint import dp_seed
+    from ..training.trainer import build_criterion
+
+    if not (cfg.dp and cfg.logit_adjust):
+        raise ConfigError(f"client {client.name}: a class histogram is released only by a DP client "
+                          "with logit_adjust (its noisy histogram, counted in its eps)")
+    if cfg.privacy_unit != "image":
+        raise ConfigError(f"client {client.name}: the federation's global prior counts images; "
+                          f"privacy_unit={cfg.privacy_unit!r} is not supported")
+    cfg = for_client(cfg, client)
+    seed = dp_seed(Path(state_dir) / "run" / "checkpoints", cfg.dp_noise, cfg.seed)
+    _, _, released = build_criterion(cfg, client.data, torch.device("cpu"), seed)
+    return np.asarray(released["class_histogram"], dtype=np.float64)
+
+
 def fit(client: Client, cfg: RunConfig, global_weights: Optional[StateDict], rnd: int,
-        local_epochs: int, state_dir: Path) -> FitResult:
+        local_epochs: int, state_dir: Path, prior_counts: Optional[np.ndarray] = None) -> FitResult:
     """Round ``rnd`` (1-based) of local training from ``global_weights`` (None: the seeded
-    initialisation); ``cfg`` is :func:`client_config`'s."""
+    initialisation); ``cfg`` is :func:`client_config`'s. ``prior_counts``: the federation's
+    global class prior for the logit adjustment (None: the client's own noisy histogram)."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     if cfg.epochs % local_epochs:
@@ -99,7 +120,7 @@ def fit(client: Client, cfg: RunConfig, global_weights: Optional[StateDict], rnd
         raise ConfigError(f"client {client.name}: round {rnd} is beyond the federation's "
                           f"{cfg.epochs // local_epochs} rounds (its DP budget is planned for those)")
     cfg = for_client(cfg, client)
-    s = start(cfg, client.data, state_dir / "run")
+    s = start(cfg, client.data, state_dir / "run", prior_counts=prior_counts)
     model = unwrap(s.setup.model)
     if global_weights is not None:
         model.load_state_dict(global_weights)

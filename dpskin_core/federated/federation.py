@@ -22,6 +22,13 @@ samples the clients of each round by its secret, clips their updates and noises 
 (Flower's wrapper); the unit is one client, adjacency add/remove one client, eps from the
 (sigma, q, rounds) history by the project's accountant. The clients then train without DP,
 and the record does not say which clients took part in which round.
+
+The class prior (``prior``, record-level DP clients with the logit-adjusted loss): ``local``,
+each client adjusts by its own noisy histogram; ``global``, before the first round every client
+releases that same noisy histogram to the server (the one release its accountant already
+counts, :func:`.client.class_histogram`), the server sums them (post-processing) into the
+federation's prior and every client adjusts by it, as pooled training would by the pooled
+counts. The sum and the clients it came from are in the record (``prior.json``).
 """
 from __future__ import annotations
 
@@ -45,12 +52,16 @@ from ..training.checkpoint import StateDict
 from ..training.records import code_version, default_runs_root, git_commit, package_versions
 from ..training.checkpoint import dp_seed
 from . import client_level
-from .client import FitResult, client_config, evaluate, fit, initial_weights
+from .client import FitResult, class_histogram, client_config, evaluate, fit, initial_weights
 from .client_level import ClientDP
 from .partitions import Client, Partition, partition
 from .strategies import STRATEGIES, Strategy
 
 PathLike = Union[str, Path]
+
+
+#: the class prior of a federation of logit-adjusted DP clients (see the module docstring)
+PRIORS = ("local", "global")
 
 
 class FederationError(DpskinError):
@@ -75,6 +86,7 @@ class FLConfig:
     connect_timeout_s: float = 300.0  # deployment: for the SuperNodes to connect and name their
     #                                   clients (each ClientApp loads its data first), s
     client_dp: Optional[ClientDP] = None  # client-level DP (DP-FedAvg); None: none at the server
+    prior: str = "local"             # PRIORS: the logit adjustment's class prior
 
     def __post_init__(self) -> None:
         if not isinstance(self.run, RunConfig):
@@ -95,6 +107,13 @@ class FLConfig:
             if self.run.dp:
                 raise ConfigError("federation: client_dp (client-level DP at the server) and run.dp "
                                   "(record-level DP-SGD at every client) are both set; choose one")
+        if self.prior not in PRIORS:
+            raise ConfigError(f"federation prior: {self.prior!r} is not one of {', '.join(PRIORS)}")
+        if self.prior == "global" and not (self.run.dp and self.run.logit_adjust
+                                           and self.run.privacy_unit == "image"):
+            raise ConfigError("federation prior='global' sums the clients' noisy class histograms: "
+                              "it needs record-level DP clients (run.dp) with run.logit_adjust and "
+                              "privacy_unit='image'")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FLConfig":
@@ -106,18 +125,12 @@ class FLConfig:
         d = dict(d)
         if isinstance(d.get("run"), Mapping):
             d["run"] = RunConfig.from_dict(d["run"])
-        if isinstance(d.get("partition"), Mapping):
-            p = dict(d["partition"])
-            bad = sorted(set(p) - {f.name for f in fields(Partition)})
-            if bad:
-                raise ConfigError(f"federation partition: unknown key(s) {', '.join(bad)}")
-            d["partition"] = Partition(**p)
-        if isinstance(d.get("client_dp"), Mapping):
-            c = dict(d["client_dp"])
-            bad = sorted(set(c) - {f.name for f in fields(ClientDP)})
-            if bad:
-                raise ConfigError(f"federation client_dp: unknown key(s) {', '.join(bad)}")
-            d["client_dp"] = ClientDP(**c)
+        for key, kind in (("partition", Partition), ("client_dp", ClientDP)):
+            if isinstance(d.get(key), Mapping):
+                bad = sorted(set(d[key]) - {f.name for f in fields(kind)})
+                if bad:
+                    raise ConfigError(f"federation {key}: unknown key(s) {', '.join(bad)}")
+                d[key] = kind(**d[key])
         return cls(**d)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -158,9 +171,13 @@ def federation_dir(cfg: FLConfig, runs_root: Optional[PathLike] = None) -> Path:
 
 
 # --------------------------------------------------------------------------- the server
-#: (round, global weights, the clients asked this round) -> name -> reply or error
-FitAll = Callable[[int, StateDict, List[str]], Dict[str, Union[FitResult, BaseException]]]
+#: (round, global weights, the clients asked this round, the global class prior or None)
+#: -> name -> reply or error
+FitAll = Callable[[int, StateDict, List[str], Optional[np.ndarray]],
+                  Dict[str, Union[FitResult, BaseException]]]
 EvaluateAll = Callable[[StateDict], Dict[str, Dict[str, float]]]
+#: () -> name -> the client's noisy class histogram, or the error it failed with
+HistogramAll = Callable[[], Dict[str, Union[np.ndarray, BaseException]]]
 
 
 @dataclass
@@ -175,7 +192,8 @@ class FLResult:
 
 
 def _privacy(cfg: FLConfig, eps: Dict[str, Optional[float]], sigma: Optional[float] = None,
-             rounds_done: int = 0, n_clients: int = 0) -> Optional[Dict[str, Any]]:
+             rounds_done: int = 0, n_clients: int = 0,
+             eps_all: Optional[float] = None) -> Optional[Dict[str, Any]]:
     c = cfg.client_dp
     if c is not None:
         return {"level": "client", "unit": "one client (all its images)",
@@ -186,7 +204,7 @@ def _privacy(cfg: FLConfig, eps: Dict[str, Optional[float]], sigma: Optional[flo
                 "noise_multiplier": sigma, "clipping_norm": c.clipping_norm,
                 "sample_rate": c.sample_rate, "rounds": rounds_done, "clients": n_clients,
                 "expected_clients_per_round": c.sample_rate * n_clients,
-                "global_epsilon": client_level.epsilon(c, sigma, rounds_done) if rounds_done else 0.0,
+                "global_epsilon": eps_all if rounds_done else 0.0,
                 "not_counted": "the test metrics of the global model at every site (reported for "
                                "the book); the sampled clients of each round are secret, not released"}
     if not cfg.run.dp:
@@ -197,6 +215,10 @@ def _privacy(cfg: FLConfig, eps: Dict[str, Optional[float]], sigma: Optional[flo
             "global_epsilon": worst,
             "statement": "each image lives at one client; the global model is post-processing "
                          "of all clients' releases: (max_k eps_k, delta)-DP per image",
+            "class_prior": ({"local": "each client's own noisy class histogram (counted in its eps)",
+                             "global": "the sum of the clients' noisy class histograms (each counted "
+                                       "in its client's eps; the sum is post-processing)"}[cfg.prior]
+                            if cfg.run.logit_adjust else None),
             "not_counted": "the clients' test metrics of the global model (reported for the book)"}
 
 
@@ -218,12 +240,41 @@ def read_complete(cfg: FLConfig, folder: Path) -> Optional[FLResult]:
     return FLResult(folder, cfg, pd.read_csv(folder / "rounds.csv"), state["weights"], read_json(meta_path))
 
 
+def global_prior(cfg: FLConfig, folder: Path, histograms_all: Optional[HistogramAll]) -> Optional[np.ndarray]:
+    """The federation's class prior under ``prior='global'`` (None otherwise): the clients'
+    noisy histograms summed, asked for once and kept in ``prior.json`` (a resumed federation
+    reads it back: nothing is released twice). Fails, naming the clients, when fewer than
+    ``min_clients`` reply."""
+    if cfg.prior != "global":
+        return None
+    path = folder / "prior.json"
+    if path.is_file():
+        return np.asarray(read_json(path)["counts"], dtype=np.float64)
+    if histograms_all is None:
+        raise FederationError(f"federation {cfg.name}: prior='global' but the server cannot ask the "
+                              "clients for their class histograms")
+    replies = histograms_all()
+    ok = {n: np.asarray(h, dtype=np.float64) for n, h in sorted(replies.items())
+          if not isinstance(h, BaseException)}
+    failed = {n: f"{type(e).__name__}: {e}" for n, e in replies.items() if isinstance(e, BaseException)}
+    if len(ok) < cfg.min_clients:
+        raise FederationError(f"federation {cfg.name}: {len(ok)} class histogram(s) for the global "
+                              f"prior, fewer than min_clients={cfg.min_clients}; failed: {failed or '-'}")
+    counts = np.sum(list(ok.values()), axis=0)
+    write_json(path, {"counts": counts.round(4).tolist(), "clients": sorted(ok), "failed": failed,
+                      "note": "sum of the clients' noisy class histograms (Gaussian, std hist_noise "
+                              "images per class each, counted in each client's eps)"})
+    return counts
+
+
 def serve(cfg: FLConfig, folder: Path, clients: List[str], fit_all: FitAll,
-          evaluate_all: EvaluateAll, progress: bool = True) -> FLResult:
+          evaluate_all: EvaluateAll, progress: bool = True,
+          histograms_all: Optional[HistogramAll] = None) -> FLResult:
     """The server's rounds (resumed after the last finished one), recorded in ``folder``.
 
     ``evaluate_all`` scores the global model where the chapter reads it: at every client, or at
     every site when the clients are a site's virtual clients; the rows are one per place scored.
+    ``histograms_all`` asks every client for its noisy class histogram (``prior='global'``).
     """
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "config.json", cfg.to_dict())
@@ -248,13 +299,15 @@ def serve(cfg: FLConfig, folder: Path, clients: List[str], fit_all: FitAll,
                 clients=clients if cdp is None else f"{len(clients)} clients",
                 commit=git_commit(), versions=package_versions())
     write_json(meta_path, meta)
+    prior = global_prior(cfg, folder, histograms_all)
     eps: Dict[str, Optional[float]] = dict(meta.get("client_epsilon", {}))
+    eps_all: Optional[float] = None
     t0 = time.perf_counter()
     for rnd in tqdm(range(done + 1, cfg.rounds + 1), desc=f"{cfg.name} rounds", disable=not progress,
                     initial=done, total=cfg.rounds):
         asked = clients if cdp is None else client_level.sample_clients(clients, cdp.sample_rate,
                                                                         secret, rnd)
-        replies = fit_all(rnd, weights, asked)
+        replies = fit_all(rnd, weights, asked, prior)
         ok = {n: r for n, r in sorted(replies.items()) if isinstance(r, FitResult)}
         failed = {n: f"{type(r).__name__}: {r}" for n, r in replies.items() if not isinstance(r, FitResult)}
         missing = [n for n in asked if n not in replies]
@@ -295,7 +348,8 @@ def serve(cfg: FLConfig, folder: Path, clients: List[str], fit_all: FitAll,
                          "n_test": m.get("n"), "error": failed.get(n) if cdp is None else None})
         torch.save({"round": rnd, "weights": weights, "strategy": strategy.state()}, ckpt)
         pd.DataFrame(rows).to_csv(rows_path, index=False)
-        meta.update(rounds_done=rnd, client_epsilon=eps, privacy=_privacy(cfg, eps, sigma, rnd, len(clients)))
+        meta.update(rounds_done=rnd, client_epsilon=eps,
+                    privacy=_privacy(cfg, eps, sigma, rnd, len(clients), eps_all))
         write_json(meta_path, meta)
     meta.update(status="complete", wall_time_s=meta.get("wall_time_s", 0.0) + time.perf_counter() - t0)
     write_json(meta_path, meta)
@@ -330,15 +384,25 @@ def run_federation(cfg: FLConfig, runs_root: Optional[PathLike] = None, *, data=
     scored = by_name if cfg.partition.groups_per_site == 1 else {
         c.name: c for c in partition(data, cfg.partition.by_site)}
 
-    def fit_all(rnd: int, weights: StateDict, asked: List[str]) -> Dict[str, Union[FitResult, BaseException]]:
-        return {n: fit(by_name[n], local, weights, rnd, cfg.local_epochs, folder / "clients" / n)
-                for n in sorted(asked)}
+    def fit_all(rnd: int, weights: StateDict, asked: List[str],
+                prior: Optional[np.ndarray]) -> Dict[str, Union[FitResult, BaseException]]:
+        return {n: fit(by_name[n], local, weights, rnd, cfg.local_epochs, folder / "clients" / n,
+                       prior) for n in sorted(asked)}
 
     def evaluate_all(weights: StateDict) -> Dict[str, Dict[str, float]]:
         return {n: evaluate(c, local, weights) for n, c in scored.items()}
 
-    return serve(cfg, folder, sorted(by_name), fit_all, evaluate_all, progress)
+    def histograms_all() -> Dict[str, Union[np.ndarray, BaseException]]:
+        out: Dict[str, Union[np.ndarray, BaseException]] = {}
+        for n, c in sorted(by_name.items()):
+            try:
+                out[n] = class_histogram(c, local, folder / "clients" / n)
+            except DpskinError as e:  # reported as a SuperNode's error would be
+                out[n] = e
+        return out
+
+    return serve(cfg, folder, sorted(by_name), fit_all, evaluate_all, progress, histograms_all)
 
 
-__all__ = ["FLConfig", "FLResult", "FederationError", "federated_version", "federation_dir",
-           "load_clients", "read_complete", "record_failure", "run_federation", "serve"]
+__all__ = ["FLConfig", "FLResult", "FederationError", "PRIORS", "federated_version", "federation_dir",
+           "global_prior", "load_clients", "read_complete", "record_failure", "run_federation", "serve"]

@@ -116,7 +116,14 @@ def fedavg_client_dp(p: Params, plan: FLPlan) -> FLConfig:
 @_register("fedavg-proposed-dp", "proposed, record-level DP-SGD", "record")
 def fedavg_proposed_dp(p: Params, plan: FLPlan) -> FLConfig:
     """The proposed technique at every site: colour front end (data-independent), linear
-    head by DP-SGD, each site's noisy class prior (counted in its eps)."""
+    head by DP-SGD, logit adjustment by the federation's class prior: the sum of the sites'
+    noisy class histograms (each counted in its site's eps)."""
+    return _base(p, plan, "proposed", prior="global")
+
+
+@_register("fedavg-proposed-dp-local-prior", "proposed, record-level DP-SGD, local priors", "record")
+def fedavg_proposed_dp_local_prior(p: Params, plan: FLPlan) -> FLConfig:
+    """Its ablation: each site adjusts by its own noisy class histogram instead of the sum."""
     return _base(p, plan, "proposed")
 
 

@@ -184,6 +184,7 @@ class TrainingSetup:
 
 def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
                     dp_seed: Optional[int] = None, unit_labels: Optional[np.ndarray] = None,
+                    prior_counts: Optional[np.ndarray] = None,
                     ) -> Tuple[nn.Module, tuple, Dict[str, Any]]:
     """(loss, releases before training, their record).
 
@@ -192,8 +193,19 @@ def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
     (L2 sensitivity 1 under add/remove of one unit; composed into eps as the step
     (sigma_h, q=1, 1)); non-private runs read the exact counts, as do the balanced class
     weights (which the config refuses under DP).
+
+    ``prior_counts``: class counts released elsewhere to use as the prior instead (a
+    federation's sum of its clients' noisy histograms, :mod:`dpskin_core.federated`); this
+    run's own histogram is still the one it released there, so it is still counted.
     """
     counts = np.bincount(data.y_train, minlength=len(CLASSES)).astype(float)
+    if prior_counts is not None:
+        prior_counts = np.asarray(prior_counts, dtype=np.float64)
+        if not cfg.logit_adjust:
+            raise ConfigError("prior_counts is given but logit_adjust is off: nothing would use it")
+        if prior_counts.shape != (len(CLASSES),) or not np.all(np.isfinite(prior_counts)):
+            raise ConfigError(f"prior_counts: expected {len(CLASSES)} finite class counts, got "
+                              f"{prior_counts.tolist()}")
     if cfg.logit_adjust:
         from .technique import LogitAdjustedLoss, log_prior, noisy_class_histogram
 
@@ -206,6 +218,10 @@ def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
             prefix = prefix_history(cfg)
             released = {"class_histogram": counts.round(2).tolist(), "hist_noise": cfg.hist_noise,
                         "counts_of": f"{cfg.privacy_unit}s per class"}
+        if prior_counts is not None:
+            counts = prior_counts
+            released["prior"] = {"counts": prior_counts.round(2).tolist(),
+                                 "source": "given (e.g. a federation's summed noisy histograms)"}
         return LogitAdjustedLoss(log_prior(counts), cfg.la_tau).to(device), prefix, released
     if cfg.class_weights == "balanced":
         w = torch.tensor(counts.sum() / (len(CLASSES) * np.maximum(counts, 1)), dtype=torch.float32)
@@ -326,12 +342,14 @@ def lr_factor(schedule: str, total_steps: int, warmup_steps: int = 0):
 
 def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
                    dp_seed: Optional[int] = None, world: World = World(),
-                   model_factory: Optional[ModelFactory] = None) -> TrainingSetup:
+                   model_factory: Optional[ModelFactory] = None,
+                   prior_counts: Optional[np.ndarray] = None) -> TrainingSetup:
     """Build the model, loss and optimizer; under DP, derive sigma and make them private.
 
     ``dp_seed`` is the root of the DP randomness (:func:`.checkpoint.dp_seed`); the model's
     initialisation, augmentation and shuffling of non-private runs come from the public seed.
-    ``model_factory`` builds the network instead of ``cfg.backbone`` (its own initialisation).
+    ``model_factory`` builds the network instead of ``cfg.backbone`` (its own initialisation);
+    ``prior_counts`` replaces the logit adjustment's prior (:func:`build_criterion`).
     """
     n_train = len(data.y_train)
     torch.manual_seed(init_seed(cfg.seed))
@@ -350,7 +368,8 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
         units = torch.from_numpy(unit_index(groups, n_train))
         # a lesion's class: the majority label of its images (one label per lesion in HAM10000)
         unit_labels = np.array([np.bincount(data.y_train[g]).argmax() for g in groups])
-    criterion, prefix, released = build_criterion(cfg, data, device, dp_seed, unit_labels)
+    criterion, prefix, released = build_criterion(cfg, data, device, dp_seed, unit_labels,
+                                                  prior_counts)
     optimizer = build_optimizer(model.parameters(), cfg)
     g_sample, g_noise, g_aug = torch.Generator(), torch.Generator(device=device), torch.Generator()
     n_units = len(groups) if groups is not None else n_train
@@ -431,7 +450,8 @@ class Session:
 
 
 def start(cfg: RunConfig, data: DataBundle, run_dir: Path, world: World = World(),
-          model_factory: Optional[ModelFactory] = None) -> Session:
+          model_factory: Optional[ModelFactory] = None,
+          prior_counts: Optional[np.ndarray] = None) -> Session:
     """Step 1: model, loss, optimizer (private under DP, with the run's DP seed: drawn and
     kept in the private checkpoints folder before anything is drawn from it; under torchrun
     rank 0 draws or reads it and hands it to the other ranks)."""
@@ -445,7 +465,7 @@ def start(cfg: RunConfig, data: DataBundle, run_dir: Path, world: World = World(
     if cfg.dp:
         seed = dp_seed(run_dir / "checkpoints", cfg.dp_noise, cfg.seed) if world.main else 0
         seed = world.broadcast_int(seed)
-    setup = setup_training(cfg, data, device, seed, world, model_factory)
+    setup = setup_training(cfg, data, device, seed, world, model_factory, prior_counts)
     return Session(cfg, run_dir, data, device, setup, Inputs(cfg, data, device), world)
 
 
