@@ -74,7 +74,10 @@ metrics = load_metrics(P.runs_root)
 # required, *steps* the number of noisy gradient steps.
 
 # %%
-figures.dp_results_table(runs, budget_order)
+captioned(figures.dp_results_table(runs, budget_order),
+          f"tbl-{optimizer}-results",
+          f"{DP_NAME}: test metrics per network and privacy budget (mean ± std over seeds), "
+          "with the achieved ε, the noise multiplier σ and the number of noisy steps.")
 
 # %% tags=["remove-cell"]
 b0 = backbones[0]

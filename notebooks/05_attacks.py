@@ -450,4 +450,6 @@ summary_path = cards.write_attack_summary(privacy, P.runs_root)
 print(f"privacy table: {summary_path}")
 
 # %%
-figures.privacy_table(privacy)
+captioned(figures.privacy_table(privacy), "tbl-privacy-cards",
+          "Each attacked model's guarantee and the strongest membership attack on it, read back "
+          "from its privacy card (ε = ∞: non-private).")

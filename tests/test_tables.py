@@ -90,6 +90,6 @@ def test_no_results_table_is_left_bare():
                 continue
             expr = ast.unparse(body[-1])
             if re.match(r"(pd\.(DataFrame|Series|concat)\(|\w+(\.(set_index|round|sort_values|"
-                        r"pivot_table|groupby|loc)\b.*)?$)", expr) and not expr.startswith("captioned("):
+                        r"pivot_table|groupby|loc)\b.*)?$|[\w.]*_table\()", expr) and not expr.startswith("captioned("):
                 bare.append(f"{src.name}: {expr[:60]}")
     assert not bare, f"tables shown without a number and caption: {bare}"
