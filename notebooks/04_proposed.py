@@ -16,18 +16,29 @@
 #
 # End-to-end DP training of a CNN on a few thousand skin-lesion images mostly learns to answer
 # the majority class (chapters {doc}`02_dp_sgd` and {doc}`03_dp_adam`). The technique of this
-# dissertation (defined, with its privacy proof, in the Methods chapter) changes three things:
+# dissertation (defined, with its privacy proof, in the Methods chapter) changes four things:
 #
-# 1. **a data-independent front end**: each image becomes a fixed colour descriptor (a joint
-#    RGB histogram of the lesion and of the whole image), computed without any training data,
-#    so DP noise is spent on a linear head with few parameters instead of a CNN;
-# 2. **logit adjustment by a private class histogram**: the class counts of the training set
+# 1. **a data-independent front end**: each image becomes a fixed dermoscopy descriptor, computed
+#    without any training data: colour histograms (RGB and hue-saturation-value, of the lesion
+#    and of the whole image), colour moments (the lesion against the surrounding skin) and
+#    gradient statistics of the luminance at three scales (texture), each block scaled to unit
+#    norm per image; DP noise is then spent on a linear head with few parameters instead of a
+#    CNN;
+# 2. **private feature normalisation**: the head standardises its inputs with their mean and
+#    variance over the training images, computed from one Gaussian release of their count, sum
+#    and sum of squares (every row has norm 2, which bounds the sensitivity), as
+#    {cite:t}`tramer2021better` normalise their scattering features; the release is
+#    composed into the reported $\varepsilon$;
+# 3. **logit adjustment by a private class histogram**: the class counts of the training set
 #    are released once with the Gaussian mechanism and the loss is logit-adjusted by their log
 #    {cite:p}`menon2021logit`, aiming the model at *balanced* accuracy; the release is composed
 #    into the reported $\varepsilon$;
-# 3. **large batches, many steps, EMA of the weights**: DP-SGD with batches of
+# 4. **large batches, many steps, EMA of the weights**: DP-SGD with batches of
 #    {glue:text}`proposed_batch_size` and an exponential moving average of the weights
 #    (post-processing, free of privacy cost), levers of {cite:t}`de2022unlocking`.
+#
+# The technique's first generation (colour histograms alone, no normalisation) is kept as a
+# recipe of its own and compared.
 #
 # It is compared with non-private training, DP-SGD and DP-Adam of the end-to-end backbone on the
 # same split, at every budget of the profile, and each component is removed in turn.
@@ -69,7 +80,7 @@ glue("proposed_batch_size", P.proposed_batch_size, display=False)
 # the end-to-end recipes on the first backbone of the profile; the proposed recipe and its
 # non-private counterpart (the recipes are defined in dpskin_core.training.recipes)
 compared = ["nonprivate-sgd", "nonprivate-adam", "dp-sgd", "dp-adam", "proposed",
-            "proposed-nonprivate"]
+            "proposed-nonprivate", "proposed-colour"]
 parts = {RECIPES.get(name).label: sweep(RECIPES.get(name).configs(P, backbones=[b0]), P.runs_root,
                                             nproc=P.nproc)
          for name in compared}
@@ -82,15 +93,18 @@ runs["ε"] = np.where(runs["dp"].astype(bool), runs["target_epsilon"], np.inf)
 # Test split ({numref}`tbl-proposed`), mean ± standard deviation over $n$ seeds;
 # $\varepsilon = \infty$ is non-private.
 # *σ* is the noise multiplier of the gradient steps; the proposed runs also release the class
-# histogram with noise of standard deviation *hist σ* (in images), and their *achieved ε* is
-# that of the composition of both.
+# histogram with noise of standard deviation *hist σ* (in images) and, in the second
+# generation, the feature statistics with noise multiplier *stats σ*; their *achieved ε* is
+# that of the composition of every release.
 
 # %%
 table = summary_table(runs, ["model", "ε"], metrics=("balanced_accuracy", "accuracy", "auc_macro"))
 runs["hist σ"] = runs["hist_noise"].where(runs["dp"].astype(bool) & runs["logit_adjust"].astype(bool))
+runs["stats σ"] = runs["stats_noise"].where(runs["dp"].astype(bool)
+                                            & (runs["feature_norm"] == "private"))
 extra = runs.groupby(["model", "ε"]).agg(**{
     "achieved ε": ("epsilon", "max"), "σ": ("noise_multiplier", "mean"),
-    "hist σ": ("hist σ", "first"), "steps": ("steps", "mean")})
+    "hist σ": ("hist σ", "first"), "stats σ": ("stats σ", "first"), "steps": ("steps", "mean")})
 table = table.join(extra, on=["model", "ε"]).sort_values(["ε", "model"], ascending=[False, True])
 captioned(table.set_index(["model", "ε"]).round({"achieved ε": 3, "σ": 3, "steps": 0}),
           "tbl-proposed",
@@ -148,15 +162,18 @@ figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
 # ## Ablation: each component removed in turn
 #
 # The full recipe against the same recipe without logit adjustment (plain cross-entropy, no
-# histogram release: its whole budget goes to the gradient steps), without the EMA of the
-# weights, without the colour front end (the end-to-end {glue:text}`backbone` on pixels at
-# the DP-SGD learning rate of chapter {doc}`02_dp_sgd`, keeping logit adjustment and EMA), and
-# with the other data-independent front end, wavelet scattering coefficients and their linear
-# head, in place of the colour histograms.
+# histogram release), without the EMA of the weights, without the private normalisation (the
+# features as the front end gives them, no statistics released), without the front end (the
+# end-to-end {glue:text}`backbone` on pixels at the DP-SGD learning rate of chapter
+# {doc}`02_dp_sgd`, keeping logit adjustment and EMA), with the other data-independent front
+# end, wavelet scattering coefficients and their linear head, in place of the dermoscopy
+# features, and the first generation (colour histograms alone, not normalised).
 
 # %% tags=["hide-output"]
 ablations = [RECIPES.get(n) for n in ("ablation/no-logit-adjustment", "ablation/no-ema",
-                                       "ablation/no-front-end", "ablation/scatter-front-end")]
+                                       "ablation/no-private-normalisation",
+                                       "ablation/no-front-end", "ablation/scatter-front-end",
+                                       "proposed-colour")]
 abl = pd.concat([sweep(r.configs(P, epsilons=ablation_epsilons), P.runs_root,
                        nproc=P.nproc).assign(model=r.label)
                  for r in ablations], ignore_index=True)

@@ -271,8 +271,8 @@ figures.extraction_figure(ext);
 # that class minus a total-variation penalty {cite:p}`fredrikson2015model`. The first row is the
 # mean training image of each class; PSNR (dB) and SSIM compare each inversion with that mean
 # and with the most similar training image of its class. Only models on pixels can be inverted
-# this way: the proposed model sees a colour histogram of the image, and an inversion would
-# return at most a histogram.
+# this way: the proposed model sees colour and texture statistics of the image, and an
+# inversion would return at most those statistics.
 
 # %% tags=["hide-output"]
 pixel_models = [m for m in models if models[m].features == "pixels"]

@@ -34,8 +34,9 @@
 #   (Flower's `DifferentialPrivacyServerSideFixedClipping` wrapper around a FedAvg with every
 #   client weighted 1), over the four sites themselves and over *virtual clients* (each site's
 #   lesions dealt into groups);
-# - **the proposed technique** (data-independent colour front end, linear head, noisy class
-#   prior) in both federated forms: record-level DP-SGD at every site, and DP-FedAvg of the
+# - **the proposed technique** in its first generation (data-independent colour front end,
+#   linear head, noisy class prior; the second generation's private feature statistics would
+#   have to be one release for the whole federation) in both federated forms: record-level DP-SGD at every site, and DP-FedAvg of the
 #   linear head over the virtual clients.
 #
 # Privacy of the record-level federations: adjacency is add/remove one image, the privacy

@@ -51,7 +51,7 @@ def test_methods_are_exactly_the_values_config_method_takes():
 
 
 def test_front_ends_and_their_heads():
-    assert FRONT_ENDS.names() == ["colour", "given", "pixels", "scatter"]
+    assert FRONT_ENDS.names() == ["colour", "derm", "given", "pixels", "scatter"]
     heads = {h for n in FRONT_ENDS for h in (FRONT_ENDS.get(n).heads or ())}
     assert heads <= set(BACKBONES.names())
     for name in FRONT_ENDS:

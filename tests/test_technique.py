@@ -7,9 +7,11 @@ import torch
 from dpskin_core.training import privacy
 from dpskin_core.training.config import RunConfig
 from dpskin_core.errors import ConfigError
-from dpskin_core.training.frontends import colour_features, orientation_permutation
-from dpskin_core.training.technique import (LogitAdjustedLoss, average_grad_samples, log_prior,
-                                            noisy_class_histogram)
+from dpskin_core.training.frontends import (DERM_DIM, DERM_NORM, colour_features, derm_features,
+                                            hsv_features, orientation_permutation)
+from dpskin_core.training.technique import (VAR_FLOOR, LogitAdjustedLoss, average_grad_samples,
+                                            exact_feature_stats, log_prior, noisy_class_histogram,
+                                            noisy_feature_stats, stats_sensitivity)
 from dpskin_core.training.trainer import run
 
 from test_train import BASE, random_bundle
@@ -82,6 +84,98 @@ def test_head_and_front_end_must_match():
         RunConfig(features="colour")  # smallcnn takes pixels
     with pytest.raises(ConfigError, match="pixels"):
         RunConfig(backbone="colour_linear")
+
+
+def test_derm_features_bounded_and_invariant_to_dihedral_ops():
+    x = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    f = derm_features(x)
+    assert f.shape == (4, DERM_DIM) and f.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(f, axis=1), DERM_NORM, rtol=1e-5)  # the stated bound
+    for view in (x[:, ::-1], x[:, :, ::-1], np.rot90(x, 1, (1, 2))):
+        np.testing.assert_allclose(derm_features(np.ascontiguousarray(view)), f, atol=1e-5)
+    assert np.allclose(derm_features(x[:1]), f[:1])  # per image: no batch statistics
+
+
+def test_hsv_histograms_match_matplotlibs_conversion():
+    import matplotlib.colors as mcolors
+
+    x = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    hsv = mcolors.rgb_to_hsv(x / 255.0)
+    bins = np.array([8, 4, 4])
+    idx = np.minimum((hsv * bins).astype(int), bins - 1)
+    code = ((idx[..., 0] * 4 + idx[..., 1]) * 4 + idx[..., 2]).reshape(2, -1)
+    expected = np.stack([np.sqrt(np.bincount(c, minlength=128) / c.size) for c in code])
+    np.testing.assert_allclose(hsv_features(x)[:, :128], expected, atol=1e-6)
+
+
+def test_feature_stats_release_has_the_stated_noise_and_sensitivity():
+    rows = torch.randn(500, 6, dtype=torch.float64) * 3  # norms above the bound: clipped
+    bound = 2.0
+    clipped = rows * torch.clamp(bound / rows.norm(dim=1, keepdim=True), max=1.0)
+    assert stats_sensitivity(bound) == pytest.approx(np.sqrt(1 + 4 + 16))
+    # the sensitivity bounds ||(1, x, x*x)|| for every row of norm <= bound
+    v = torch.cat([torch.ones(500, 1, dtype=torch.float64), clipped, clipped ** 2], 1)
+    assert v.norm(dim=1).max() <= stats_sensitivity(bound) + 1e-9
+    exact_mean = clipped.mean(0)
+    g = torch.Generator().manual_seed(0)
+    means = torch.stack([noisy_feature_stats(rows, 2.0, bound, g)[0] for _ in range(400)]).double()
+    # the noise on a mean is sigma * sensitivity / N (through the noisy count, approximately)
+    expected_sd = 2.0 * stats_sensitivity(bound) / 500
+    assert means.mean(0).sub(exact_mean).abs().max() < 4 * expected_sd / np.sqrt(400) + 1e-3
+    assert means.std(0).numpy() == pytest.approx(np.full(6, expected_sd), rel=0.2)
+    mean, std = exact_feature_stats(torch.zeros(10, 3))
+    np.testing.assert_allclose(std.numpy(), np.sqrt(VAR_FLOOR), rtol=1e-6)  # constant: floored
+    assert torch.all(mean == 0)
+
+
+def test_feature_norm_refusals():
+    derm = dict(features="derm", backbone="derm_linear")
+    with pytest.raises(ConfigError, match="non-private run uses feature_norm='exact'"):
+        RunConfig(**derm, feature_norm="private")
+    with pytest.raises(ConfigError, match="use feature_norm='private' under dp"):
+        RunConfig(**derm, feature_norm="exact", dp=True, target_epsilon=3.0)
+    with pytest.raises(ConfigError, match="standardising head"):
+        RunConfig(features="colour", backbone="colour_linear", feature_norm="exact")
+    with pytest.raises(ConfigError, match="privacy_unit='lesion' is not supported"):
+        RunConfig(**derm, feature_norm="private", dp=True, target_epsilon=3.0,
+                  privacy_unit="lesion")
+    with pytest.raises(ConfigError, match="feature_norm"):
+        RunConfig(**derm, feature_norm="batch")
+    with pytest.raises(ConfigError, match="stats_noise"):
+        RunConfig(**derm, feature_norm="private", dp=True, target_epsilon=3.0, stats_noise=0.0)
+    # the fields a run does not read are not hashed
+    assert RunConfig(**derm).semantic_dict() == RunConfig(**derm, stats_noise=3.0).semantic_dict()
+
+
+def test_private_feature_stats_are_counted_and_released_in_the_model(tmp_path):
+    kw = dict(BASE, lr=2.0, batch_size=64, epochs=2, features="derm", backbone="derm_linear")
+    cfg = RunConfig(**kw, dp=True, target_epsilon=3.0, delta=1e-4, logit_adjust=True,
+                    feature_norm="private", stats_noise=4.0)
+    res = run(cfg, tmp_path / "runs", data=random_bundle())
+    assert res.meta["prefix_history"] == [
+        {"noise_multiplier": 20.0, "sample_rate": 1.0, "steps": 1},
+        {"noise_multiplier": 4.0, "sample_rate": 1.0, "steps": 1}]
+    expected = privacy.epsilon([(20.0, 1.0, 1), (4.0, 1.0, 1),
+                                (res.noise_multiplier, res.meta["sample_rate"], res.meta["steps"])],
+                               1e-4, "prv")
+    assert res.epsilon == pytest.approx(expected, rel=1e-6) and res.epsilon <= 3.0
+    stats = res.meta["released_before_training"]["feature_stats"]
+    assert stats["noise_multiplier"] == 4.0 and stats["norm_bound"] == DERM_NORM
+    from dpskin_core.attacks import load_trained
+
+    head = load_trained(res.run_dir).model
+    exact_mean, _ = exact_feature_stats(torch.from_numpy(derm_features(random_bundle().x_train)))
+    assert not torch.allclose(head.shift, torch.zeros_like(head.shift))  # standardised ...
+    assert not torch.allclose(head.shift, exact_mean)                    # ... by noisy statistics
+    probs = pd.read_csv(res.run_dir / "predictions.csv").filter(like="prob_").to_numpy()
+    np.testing.assert_allclose(probs, load_trained(res.run_dir).predict_proba(random_bundle().x_test),
+                               atol=1e-5)
+    # the same secret gives the same release: a second run of the same config reuses the record,
+    # and the non-private ceiling reads the exact statistics
+    plain = run(RunConfig(**kw, logit_adjust=True, feature_norm="exact"), tmp_path / "runs",
+                data=random_bundle())
+    head = load_trained(plain.run_dir).model
+    assert torch.allclose(head.shift, exact_mean, atol=1e-6)
 
 
 @pytest.mark.parametrize("extra", [

@@ -115,16 +115,17 @@ def fedavg_client_dp(p: Params, plan: FLPlan) -> FLConfig:
 
 @_register("fedavg-proposed-dp", "proposed, record-level DP-SGD", "record")
 def fedavg_proposed_dp(p: Params, plan: FLPlan) -> FLConfig:
-    """The proposed technique at every site: colour front end (data-independent), linear
-    head by DP-SGD, logit adjustment by the federation's class prior: the sum of the sites'
-    noisy class histograms (each counted in its site's eps)."""
-    return _base(p, plan, "proposed", prior="global")
+    """The technique's first generation at every site: colour front end (data-independent),
+    linear head by DP-SGD, logit adjustment by the federation's class prior: the sum of the
+    sites' noisy class histograms (each counted in its site's eps). (The second generation's
+    privately standardised head would need one set of feature statistics for the federation.)"""
+    return _base(p, plan, "proposed-colour", prior="global")
 
 
 @_register("fedavg-proposed-dp-local-prior", "proposed, record-level DP-SGD, local priors", "record")
 def fedavg_proposed_dp_local_prior(p: Params, plan: FLPlan) -> FLConfig:
     """Its ablation: each site adjusts by its own noisy class histogram instead of the sum."""
-    return _base(p, plan, "proposed")
+    return _base(p, plan, "proposed-colour")
 
 
 @_register("fedavg-proposed-client-dp", "proposed, DP-FedAvg, virtual clients", "client")
@@ -132,7 +133,8 @@ def fedavg_proposed_client_dp(p: Params, plan: FLPlan) -> FLConfig:
     """The proposed technique's linear head (few weights: little noise in total) trained by
     DP-FedAvg over the virtual clients; each client's logit adjustment by its own class counts
     is inside its update, which the clipping and noise cover."""
-    return _client_dp(p, plan, "proposed-nonprivate", plan.groups_per_site, plan.client_sample_rate)
+    return _client_dp(p, plan, "proposed-colour-nonprivate", plan.groups_per_site,
+                      plan.client_sample_rate)
 
 
 __all__ = ["FLPlan", "FLRecipe", "FL_RECIPES", "LEVELS"]

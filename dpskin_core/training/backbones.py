@@ -17,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
@@ -27,7 +28,7 @@ import torch.nn as nn
 from ..constants import NUM_CLASSES
 from ..errors import ConfigError
 from ..registry import Registry
-from .frontends import COLOUR_DIM, SCATTER_CHANNELS
+from .frontends import COLOUR_DIM, DERM_DIM, SCATTER_CHANNELS
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +276,35 @@ class LinearHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.flatten(1))
+
+
+class StandardisedLinearHead(LinearHead):
+    """A linear classifier on standardised features: ``fc((x - shift) * scale)``, started at
+    zero. ``shift`` and ``scale`` are buffers (not trained, not clipped, no noise), identity
+    until :meth:`standardise` sets them from feature statistics: under DP from a counted
+    Gaussian release (:func:`dpskin_core.training.technique.noisy_feature_stats`); they are part
+    of the released model."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, in_features: int = DERM_DIM) -> None:
+        super().__init__(num_classes, in_features)
+        self.register_buffer("shift", torch.zeros(in_features))
+        self.register_buffer("scale", torch.ones(in_features))
+
+    @torch.no_grad()
+    def standardise(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Features to zero mean and variance 1 / D (D features: the row's norm is about 1,
+        the scale the clipping bound and the learning rate were chosen for)."""
+        d = self.shift.numel()
+        self.shift.copy_(mean)
+        self.scale.copy_(1.0 / (std * math.sqrt(d)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((x.flatten(1) - self.shift) * self.scale)
+
+
+@BACKBONES.register("derm_linear")
+def _derm_linear(num_classes: int, dp_compatible: bool = True, **kw: Any) -> nn.Module:
+    return StandardisedLinearHead(num_classes, **kw)
 
 
 @BACKBONES.register("scatter_linear")

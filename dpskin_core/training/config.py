@@ -30,9 +30,15 @@ NON_SEMANTIC_FIELDS = frozenset({"name", "recipe", "device", "num_threads", "pro
 #: Fields read only under DP; a non-private run ignores them, so they are not hashed there.
 DP_ONLY_FIELDS = ("target_epsilon", "delta", "max_grad_norm", "accountant",
                   "max_physical_batch_size", "hist_noise", "dp_noise", "privacy_unit",
-                  "grad_sample_mode")
+                  "grad_sample_mode", "stats_noise")
 #: Fields read only by the logit-adjusted loss.
 LOGIT_ADJUST_FIELDS = ("la_tau", "hist_noise")
+#: how a standardising head's features are normalised: ``none`` (as the front end gives them),
+#: ``private`` (from a Gaussian release of their count, sum and sum of squares, counted in eps;
+#: DP only), ``exact`` (from the training rows themselves; non-private only)
+FEATURE_NORMS = ("none", "private", "exact")
+#: the heads that standardise their inputs (a ``standardise(mean, std)`` method)
+STANDARDISING_HEADS = ("derm_linear",)
 
 LR_SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -91,13 +97,15 @@ class RunConfig:
     early_stopping_patience: Optional[int] = None  # epochs without val improvement
     eval_split: str = "test"                # split whose predictions are the run's result
     # --- the proposed technique (training.technique, training.frontends); all off by default
-    features: str = "pixels"                # front end (training.frontends): pixels | colour | scatter
+    features: str = "pixels"                # front end (training.frontends): pixels | colour | derm | scatter
     #                                         | given (rows encoded by the caller; run(model_factory=))
     logit_adjust: bool = False              # logit-adjusted loss with a (noisy under dp) class prior
     la_tau: float = 1.0                     # logit-adjustment strength tau
     hist_noise: float = 20.0                # std (in images) of the Gaussian noise on the histogram
     ema_decay: Optional[float] = None       # EMA of weights, e.g. 0.99 (per optimizer step)
     aug_mult: int = 1                       # augmentation multiplicity K (views averaged pre-clip)
+    feature_norm: str = "none"              # none | private | exact (see FEATURE_NORMS)
+    stats_noise: float = 10.0               # noise multiplier of the private feature statistics
     # --- privacy ----------------------------------------------------------------------
     dp: bool = False                        # DP-SGD / DP-Adam through Opacus when True
     target_epsilon: Optional[float] = None  # required when dp
@@ -158,6 +166,10 @@ class RunConfig:
             off.update(DP_ONLY_FIELDS)
         if not self.logit_adjust:
             off.update(LOGIT_ADJUST_FIELDS)
+        if self.feature_norm == "none":
+            off.add("feature_norm")
+        if self.feature_norm != "private":
+            off.add("stats_noise")
         if self.optimizer != "sgd":
             off.add("momentum")
         if self.split.startswith("site:"):  # the held-out site is the test split
@@ -235,7 +247,7 @@ def validate(cfg: RunConfig) -> None:
         _number(cfg, f, integer=True, positive=True)
     for f in ("max_physical_batch_size", "early_stopping_patience", "num_threads"):
         _number(cfg, f, integer=True, positive=True, optional=True)
-    for f in ("lr", "max_grad_norm", "hist_noise"):
+    for f in ("lr", "max_grad_norm", "hist_noise", "stats_noise"):
         _number(cfg, f, positive=True)
     for f in ("momentum", "weight_decay", "augment_color", "la_tau", "warmup_epochs"):
         _number(cfg, f, nonnegative=True)
@@ -260,6 +272,7 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg, "lr_schedule", LR_SCHEDULES)
     _choice(cfg, "class_weights", CLASS_WEIGHTS)
     _choice(cfg, "eval_split", EVAL_SPLITS)
+    _choice(cfg, "feature_norm", FEATURE_NORMS)
     if not (isinstance(cfg.split, str) and cfg.split.startswith("site:") and len(cfg.split) > 5):
         _choice(cfg, "split", SPLITS)  # or site:<name>: the site is checked against the data
     if not (0 < cfg.val_frac < 1 and 0 < cfg.test_frac < 1 and cfg.val_frac + cfg.test_frac < 1):
@@ -272,6 +285,22 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"backbone: {BACKBONES.kind} {cfg.backbone!r} unknown; known: "
                           f"{', '.join(BACKBONES.names())}")
     front.check(cfg)  # the front end's own constraints, e.g. which backbones take it
+    if cfg.feature_norm != "none":
+        if cfg.backbone not in STANDARDISING_HEADS:
+            raise ConfigError(f"feature_norm={cfg.feature_norm!r} needs a standardising head "
+                              f"({', '.join(STANDARDISING_HEADS)}); backbone={cfg.backbone!r}")
+        if cfg.feature_norm == "private" and not cfg.dp:
+            raise ConfigError("feature_norm='private' is a DP release; a non-private run uses "
+                              "feature_norm='exact'")
+        if cfg.feature_norm == "exact" and cfg.dp:
+            raise ConfigError("feature_norm='exact' reads the private training rows, which the DP "
+                              "guarantee does not cover; use feature_norm='private' under dp")
+        if cfg.feature_norm == "private" and cfg.privacy_unit != "image":
+            raise ConfigError("feature_norm='private' bounds the contribution of one image; "
+                              f"privacy_unit={cfg.privacy_unit!r} is not supported")
+        if cfg.feature_norm == "private" and front.norm_bound is None:
+            raise ConfigError(f"feature_norm='private' needs rows of bounded norm; front end "
+                              f"features={cfg.features!r} gives none")
     if cfg.ema_decay is not None and not cfg.ema_decay < 1:
         raise ConfigError(f"ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
     if cfg.normalisation not in NORMALISATIONS:

@@ -8,6 +8,12 @@ no privacy budget:
 * ``colour`` -- RGB colour histograms of the whole image and of its centre (4x4x4 bins,
   square-rooted: 128 numbers), a classical dermoscopy cue (the ABCD rule's "C"); invariant to
   flips and rotations; taken by the ``colour_linear`` head;
+* ``derm`` -- dermoscopy features: the colour histograms above, hue-saturation-value histograms
+  (8x4x4 bins, whole image and centre), colour moments (mean and spread of each channel in the
+  whole image, its centre and its border, and the centre-minus-border contrast) and gradient
+  statistics of the luminance at three scales (texture); each of the four blocks scaled to unit
+  L2 norm per image (429 numbers, norm exactly 2); invariant to flips and rotations; taken by
+  the ``derm_linear`` head;
 * ``scatter`` -- wavelet scattering coefficients (Mallat 2012; kymatio, J=2, L=8 per colour
   channel: 243 maps of S/4 x S/4), augmented by dihedral views in feature space; taken by the
   ``scatter_linear`` head (Tramer & Boneh 2021: DP learning needs better features).
@@ -105,6 +111,80 @@ def colour_features(x: np.ndarray) -> np.ndarray:
     return torch.cat(out, 1).numpy().astype(np.float32)
 
 
+def hsv_features(x: np.ndarray, bins: Tuple[int, int, int] = (8, 4, 4)) -> np.ndarray:
+    """Hue-saturation-value histograms of uint8 images (N, S, S, 3) -> float32 (N, 2 * 128):
+    whole image and centre, square-rooted fractions (as :func:`colour_features`). Hue gets
+    more bins than saturation and value: it separates the browns, blues and reds of lesions."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255)
+    mx, arg = t.max(dim=-1)
+    mn = t.min(dim=-1).values
+    c = mx - mn
+    r, g, b = t.unbind(-1)
+    safe = torch.where(c > 0, c, torch.ones_like(c))
+    hue = torch.stack([((g - b) / safe) % 6, (b - r) / safe + 2, (r - g) / safe + 4], -1)
+    h = torch.where(c > 0, hue.gather(-1, arg.unsqueeze(-1)).squeeze(-1) / 6, torch.zeros_like(c))
+    sat = torch.where(mx > 0, c / torch.where(mx > 0, mx, torch.ones_like(mx)), torch.zeros_like(mx))
+    hsv = torch.stack([h, sat, mx], -1)
+    s, n_cells, out = t.shape[1], int(np.prod(bins)), []
+    for region in (hsv, hsv[:, s // 4: s - s // 4, s // 4: s - s // 4]):
+        idx = [torch.clamp((region[..., i] * bins[i]).long(), max=bins[i] - 1) for i in range(3)]
+        code = ((idx[0] * bins[1] + idx[1]) * bins[2] + idx[2]).flatten(1)
+        hist = torch.zeros(len(t), n_cells).scatter_add_(1, code, torch.ones(code.shape))
+        out.append(torch.sqrt(hist / code.shape[1]))
+    return torch.cat(out, 1).numpy().astype(np.float32)
+
+
+def colour_moments(x: np.ndarray) -> np.ndarray:
+    """Mean and standard deviation of R, G, B in the whole image, its centre and its border,
+    and the centre-minus-border mean (the lesion against the skin): float32 (N, 21), in [0, 1]
+    units of intensity."""
+    f = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255)
+    s = f.shape[1]
+    border = torch.ones(s, s, dtype=torch.bool)
+    border[s // 4: s - s // 4, s // 4: s - s // 4] = False
+    regions = (f.flatten(1, 2), f[:, s // 4: s - s // 4, s // 4: s - s // 4].flatten(1, 2),
+               f[:, border])
+    out = [m for reg in regions for m in (reg.mean(1), reg.std(1))]
+    out.append(out[2] - out[4])
+    return torch.cat(out, 1).numpy().astype(np.float32)
+
+
+def texture_features(x: np.ndarray) -> np.ndarray:
+    """Differences of neighbouring luminance values at 1, 1/2 and 1/4 scale, in the whole image
+    and in its centre: the mean and standard deviation of their absolute values and the
+    fraction above 0.03 and 0.1 (edges, network and dots of the lesion): float32 (N, 24).
+    Horizontal and vertical differences are pooled, so the statistics are invariant to flips
+    and 90-degree rotations."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255).permute(0, 3, 1, 2)
+    lum = (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]).unsqueeze(1)
+    out = []
+    for k in (1, 2, 4):
+        level = nn.functional.avg_pool2d(lum, k) if k > 1 else lum
+        n = level.shape[-1]
+        for region in (level, level[..., n // 4: n - n // 4, n // 4: n - n // 4]):
+            d = torch.cat([(region[..., :, 1:] - region[..., :, :-1]).abs().flatten(1),
+                           (region[..., 1:, :] - region[..., :-1, :]).abs().flatten(1)], 1)
+            out += [d.mean(1), d.std(1), (d > 0.03).float().mean(1), (d > 0.1).float().mean(1)]
+    return torch.stack(out, 1).numpy().astype(np.float32)
+
+
+#: the blocks of the ``derm`` front end, each scaled to unit L2 norm per image
+DERM_BLOCKS = (colour_features, hsv_features, colour_moments, texture_features)
+DERM_DIM = 2 * COLOUR_BINS ** 3 + 2 * 8 * 4 * 4 + 21 + 24  # 429
+DERM_NORM = float(np.sqrt(len(DERM_BLOCKS)))  # every row's L2 norm (4 unit blocks)
+
+
+def derm_features(x: np.ndarray) -> np.ndarray:
+    """The ``derm`` front end: every block of :data:`DERM_BLOCKS`, each divided by its L2 norm
+    per image (a data-independent scaling: the blocks weigh alike and every row has norm
+    :data:`DERM_NORM`, the bound a private normalisation needs) -> float32 (N, 429)."""
+    blocks = []
+    for block in DERM_BLOCKS:
+        b = block(x)
+        blocks.append(b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12))
+    return np.concatenate(blocks, 1).astype(np.float32)
+
+
 def feature_dihedral_views(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k random dihedral views per sample of scattering features (B, C, H, W) -> (B*k, C, H, W).
 
@@ -162,6 +242,9 @@ class FrontEnd:
 
     name: str = ""
     heads: Optional[Tuple[str, ...]] = None
+    #: an L2 bound on every encoded row (None: unbounded), which a private feature
+    #: normalisation (``feature_norm="private"``) needs for its sensitivity
+    norm_bound: Optional[float] = None
 
     def check(self, cfg: Any) -> None:
         """ConfigError unless ``cfg.backbone`` takes this front end (and its own constraints)."""
@@ -226,6 +309,19 @@ class Colour(FrontEnd):
 
     def encode(self, x: np.ndarray, cfg: Any) -> torch.Tensor:
         return torch.from_numpy(colour_features(x))
+
+
+@_register
+class Derm(FrontEnd):
+    """Dermoscopy features (:func:`derm_features`): colour, hue, colour moments and texture,
+    invariant to flips and rotations, every row of norm :data:`DERM_NORM`."""
+
+    name = "derm"
+    heads = ("derm_linear",)
+    norm_bound = DERM_NORM
+
+    def encode(self, x: np.ndarray, cfg: Any) -> torch.Tensor:
+        return torch.from_numpy(derm_features(x))
 
 
 @_register

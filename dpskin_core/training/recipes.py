@@ -249,26 +249,48 @@ def dp_adam_lesion(p: Params) -> RunConfig:
 
 
 # --------------------------------------------------------------------------- the proposed technique
-@_recipe("proposed", "proposed (colour front end + DP-SGD)", PROPOSED)
+def _technique(p: Params, **over: Any) -> RunConfig:
+    """The levers every generation of the technique shares: a data-independent front end, a
+    linear head by DP-SGD (momentum 0.9), logit adjustment by a noisy class histogram
+    (counted in eps), EMA of the weights."""
+    return RunConfig(**{"dp": True, "target_epsilon": p.epsilons[0], "logit_adjust": True,
+                        "ema_decay": p.proposed_ema, "optimizer": "sgd", "lr": p.proposed_lr,
+                        "momentum": 0.9, "batch_size": p.proposed_batch_size,
+                        "epochs": p.proposed_epochs, "augment_flips": False,
+                        "augment_rot90": False, **common(p), **over})
+
+
+@_recipe("proposed", "proposed (dermoscopy features, private normalisation, DP-SGD)", PROPOSED)
 def proposed(p: Params) -> RunConfig:
-    """Colour-histogram front end, linear head by DP-SGD, logit adjustment by a noisy class
-    histogram (counted in eps), EMA of the weights."""
-    return RunConfig(features="colour", backbone="colour_linear", dp=True,
-                     target_epsilon=p.epsilons[0], logit_adjust=True, ema_decay=p.proposed_ema,
-                     optimizer="sgd", lr=p.proposed_lr, momentum=0.9,
-                     batch_size=p.proposed_batch_size, epochs=p.proposed_epochs,
-                     augment_flips=False, augment_rot90=False, **common(p))
+    """Dermoscopy front end (colour and hue histograms, colour moments, texture; each block of
+    unit norm), standardised by privately released feature statistics (counted in eps), linear
+    head by DP-SGD, logit adjustment by a noisy class histogram (counted in eps), EMA."""
+    return _technique(p, features="derm", backbone="derm_linear", feature_norm="private")
+
+
+@_recipe("proposed-colour", "first generation (colour histograms, DP-SGD)", PROPOSED)
+def proposed_colour(p: Params) -> RunConfig:
+    """The technique's first generation: colour-histogram front end, linear head by DP-SGD,
+    logit adjustment by a noisy class histogram (counted in eps), EMA of the weights."""
+    return _technique(p, features="colour", backbone="colour_linear")
 
 
 @_recipe("proposed-nonprivate", "proposed recipe, non-private", ("seed",))
 def proposed_nonprivate(p: Params) -> RunConfig:
-    """The proposed recipe without privacy (exact class prior): its ceiling."""
-    return proposed(p).replace(dp=False, target_epsilon=None)
+    """The proposed recipe without privacy (exact class prior and feature statistics): its
+    ceiling."""
+    return proposed(p).replace(dp=False, target_epsilon=None, feature_norm="exact")
+
+
+@_recipe("proposed-colour-nonprivate", "first generation, non-private", ("seed",))
+def proposed_colour_nonprivate(p: Params) -> RunConfig:
+    """The first generation without privacy (exact class prior)."""
+    return proposed_colour(p).replace(dp=False, target_epsilon=None)
 
 
 @_recipe("ablation/no-logit-adjustment", "without logit adjustment", PROPOSED)
 def ablation_no_logit_adjustment(p: Params) -> RunConfig:
-    """Plain cross-entropy, no histogram release: the whole budget goes to the gradient steps."""
+    """Plain cross-entropy, no histogram release: more of the budget for the other releases."""
     return proposed(p).replace(logit_adjust=False)
 
 
@@ -278,20 +300,27 @@ def ablation_no_ema(p: Params) -> RunConfig:
     return proposed(p).replace(ema_decay=None)
 
 
-@_recipe("ablation/no-front-end", "without colour front end", PROPOSED)
+@_recipe("ablation/no-private-normalisation", "without private normalisation", PROPOSED)
+def ablation_no_private_normalisation(p: Params) -> RunConfig:
+    """The dermoscopy features as the front end gives them (unit-norm blocks), no statistics
+    released: the whole budget goes to the histogram and the gradient steps."""
+    return proposed(p).replace(feature_norm="none")
+
+
+@_recipe("ablation/no-front-end", "without front end (pixels)", PROPOSED)
 def ablation_no_front_end(p: Params) -> RunConfig:
     """The end-to-end backbone on pixels at the DP-SGD schedule, keeping logit adjustment and EMA."""
-    return proposed(p).replace(features="pixels", backbone=p.backbones[0], lr=p.lr_dp_sgd,
-                               batch_size=p.dp_batch_size, epochs=p.dp_epochs, augment_flips=True,
-                               augment_rot90=True)
+    return proposed(p).replace(features="pixels", backbone=p.backbones[0], feature_norm="none",
+                               lr=p.lr_dp_sgd, batch_size=p.dp_batch_size, epochs=p.dp_epochs,
+                               augment_flips=True, augment_rot90=True)
 
 
-@_recipe("ablation/scatter-front-end", "scattering front end instead of colour", PROPOSED)
+@_recipe("ablation/scatter-front-end", "scattering front end instead", PROPOSED)
 def ablation_scatter_front_end(p: Params) -> RunConfig:
-    """Wavelet scattering coefficients (kymatio) and their linear head instead of colour
-    histograms, with dihedral views in feature space."""
-    return proposed(p).replace(features="scatter", backbone="scatter_linear", augment_flips=True,
-                               augment_rot90=True)
+    """Wavelet scattering coefficients (kymatio) and their linear head instead of the
+    dermoscopy features, with dihedral views in feature space."""
+    return proposed(p).replace(features="scatter", backbone="scatter_linear", feature_norm="none",
+                               augment_flips=True, augment_rot90=True)
 
 
 # --------------------------------------------------------------------------- MpLe (chapter 08)

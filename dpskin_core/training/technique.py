@@ -25,12 +25,24 @@ in :mod:`.frontends`, their heads in :mod:`.backbones`; the losses and averages 
    the average over K augmented views *before* clipping, so augmentation adds signal
    without adding sensitivity.
 
-Privacy: the released objects are the noisy histogram and the DP-SGD iterates; everything
-else (scattering, EMA, evaluation) is post-processing. Total eps is the accountant's
-composition of [(hist_noise, 1, 1), (sigma, q, T)] at delta, and sigma is derived so that
-this total meets the target.
+5. ``feature_norm="private"`` -- standardised features for the linear head (Tramer & Boneh
+   2021 normalise their ScatterNet features privately too): the count, sum and sum of
+   squares of the training rows, released once with the Gaussian mechanism
+   (:func:`noisy_feature_stats`; every row has L2 norm at most R, the front end's bound, so
+   the released vector's L2 sensitivity is sqrt(1 + R^2 + R^4); noise std ``stats_noise``
+   times that), composed as the step (stats_noise, q=1, 1). Without it the head sees raw
+   features whose scales differ by orders of magnitude, and clipping favours the large ones.
+
+Privacy: the released objects are the noisy histogram, the noisy feature statistics and the
+DP-SGD iterates; everything else (front ends, EMA, evaluation) is post-processing. Total eps
+is the accountant's composition of [(hist_noise, 1, 1), (stats_noise, 1, 1), (sigma, q, T)]
+at delta (each release only when its lever is on), and sigma is derived so that this total
+meets the target.
 """
 from __future__ import annotations
+
+import math
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -50,6 +62,50 @@ def noisy_class_histogram(labels: np.ndarray, noise_std: float, generator: torch
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     noise = torch.randn(num_classes, generator=generator, dtype=torch.float64).numpy() * noise_std
     return counts + noise
+
+
+#: floor of a released feature variance, in squared units of the features (rows of norm 2
+#: spread over hundreds of features: 1e-3 keeps a feature that the noise leaves at variance
+#: ~0 from being scaled up by 1/sqrt(noise); chosen on the validation split)
+VAR_FLOOR = 1e-3
+
+
+def stats_sensitivity(norm_bound: float) -> float:
+    """L2 sensitivity of the vector (count, sum of rows, sum of squared rows) under add/remove
+    of one row of L2 norm at most R: ||(1, x, x*x)|| <= sqrt(1 + R^2 + R^4)."""
+    r2 = float(norm_bound) ** 2
+    return math.sqrt(1.0 + r2 + r2 * r2)
+
+
+def noisy_feature_stats(x: torch.Tensor, noise_std: float, norm_bound: float,
+                        generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean, std, noisy count) of the rows of ``x`` (N, D), by one Gaussian release.
+
+    Rows are first clipped to L2 norm ``norm_bound`` (a no-op for a front end that guarantees
+    it), then (N, sum x, sum x^2) gets N(0, (noise_std * sensitivity)^2) per coordinate; the
+    mean and variance are computed from the noisy sums (post-processing), the variance floored
+    at :data:`VAR_FLOOR`. ``noise_std`` is the noise multiplier of the accountant's step
+    (noise_std, 1, 1).
+    """
+    x = x.double().flatten(1)
+    norms = x.norm(dim=1, keepdim=True)
+    x = x * torch.clamp(norm_bound / norms.clamp_min(1e-12), max=1.0)
+    d = x.shape[1]
+    released = torch.cat([torch.tensor([float(len(x))], dtype=torch.float64), x.sum(0),
+                          (x * x).sum(0)])
+    released += torch.randn(1 + 2 * d, generator=generator, dtype=torch.float64) * (
+        noise_std * stats_sensitivity(norm_bound))
+    n = max(float(released[0]), 1.0)
+    mean = released[1:1 + d] / n
+    var = (released[1 + d:] / n - mean * mean).clamp_min(VAR_FLOOR)
+    return mean.float(), var.sqrt().float(), n
+
+
+def exact_feature_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the rows of ``x``, std floored as in :func:`noisy_feature_stats`: the
+    non-private runs' normalisation (it reads the private data exactly)."""
+    x = x.double().flatten(1)
+    return x.mean(0).float(), x.var(0, unbiased=False).clamp_min(VAR_FLOOR).sqrt().float()
 
 
 def log_prior(counts: np.ndarray, floor: float = 1.0) -> np.ndarray:

@@ -52,7 +52,7 @@ from .backbones import build_backbone
 from .checkpoint import Checkpoint, StateDict, dp_seed, released_weights, save_best
 from .config import RunConfig, grad_sample_settings
 from .distributed import World, current, unwrap, wrap_plain, wrap_private
-from .frontends import Inputs
+from .frontends import FRONT_ENDS, Inputs
 from .metrics import evaluate
 from .optim import build_optimizer
 from .persample import resolve_mode
@@ -230,9 +230,42 @@ def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
 
 
 def prefix_history(cfg: RunConfig) -> Tuple[Tuple[float, float, int], ...]:
-    """The releases a DP run makes before training, as accountant steps: the noisy class
-    histogram of the logit-adjusted loss (one Gaussian release, sensitivity 1, q = 1)."""
-    return ((float(cfg.hist_noise), 1.0, 1),) if cfg.dp and cfg.logit_adjust else ()
+    """The releases a DP run makes before training, as accountant steps (each one Gaussian
+    release, q = 1): the noisy class histogram of the logit-adjusted loss (sensitivity 1), then
+    the noisy feature statistics of a privately standardised head (noise multiplier
+    ``stats_noise``; :func:`.technique.noisy_feature_stats`)."""
+    if not cfg.dp:
+        return ()
+    return (((float(cfg.hist_noise), 1.0, 1),) if cfg.logit_adjust else ()) + (
+        ((float(cfg.stats_noise), 1.0, 1),) if cfg.feature_norm == "private" else ())
+
+
+def standardise_features(cfg: RunConfig, model: nn.Module, train_x: torch.Tensor,
+                         dp_seed: Optional[int] = None) -> Dict[str, Any]:
+    """Set a standardising head's feature statistics (``cfg.feature_norm``); return the record
+    of the release. Under DP one Gaussian release from the run's DP seed
+    (:func:`.technique.noisy_feature_stats`, the step (stats_noise, 1, 1) of
+    :func:`prefix_history`); non-private runs read the exact statistics."""
+    from .technique import exact_feature_stats, noisy_feature_stats, stats_sensitivity
+
+    if cfg.feature_norm == "none":
+        return {}
+    train_x = train_x.cpu()
+    if cfg.feature_norm == "private":
+        bound = FRONT_ENDS.get(cfg.features).norm_bound
+        mean, std, _ = noisy_feature_stats(
+            train_x, cfg.stats_noise, bound,
+            torch.Generator().manual_seed(_seed(dp_seed, "feature-stats")))
+        record = {"feature_stats": {
+            "noise_multiplier": cfg.stats_noise, "norm_bound": bound,
+            "l2_sensitivity": stats_sensitivity(bound),
+            "released": "count, sum and sum of squares of the training rows (Gaussian "
+                        "mechanism); the head's shift and scale, in the released model"}}
+    else:
+        (mean, std), record = exact_feature_stats(train_x), {}
+    _unwrapped(model).standardise(mean.to(next(model.parameters()).device),
+                                  std.to(next(model.parameters()).device))
+    return record
 
 
 def _calibrated(cfg: RunConfig, n_units: int, total_steps: int, prefix: tuple) -> Tuple[float, float]:
@@ -343,13 +376,15 @@ def lr_factor(schedule: str, total_steps: int, warmup_steps: int = 0):
 def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
                    dp_seed: Optional[int] = None, world: World = World(),
                    model_factory: Optional[ModelFactory] = None,
-                   prior_counts: Optional[np.ndarray] = None) -> TrainingSetup:
+                   prior_counts: Optional[np.ndarray] = None,
+                   train_x: Optional[torch.Tensor] = None) -> TrainingSetup:
     """Build the model, loss and optimizer; under DP, derive sigma and make them private.
 
     ``dp_seed`` is the root of the DP randomness (:func:`.checkpoint.dp_seed`); the model's
     initialisation, augmentation and shuffling of non-private runs come from the public seed.
     ``model_factory`` builds the network instead of ``cfg.backbone`` (its own initialisation);
-    ``prior_counts`` replaces the logit adjustment's prior (:func:`build_criterion`).
+    ``prior_counts`` replaces the logit adjustment's prior (:func:`build_criterion`);
+    ``train_x``: the front end's training rows (encoded here when needed and not given).
     """
     n_train = len(data.y_train)
     torch.manual_seed(init_seed(cfg.seed))
@@ -370,6 +405,10 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
         unit_labels = np.array([np.bincount(data.y_train[g]).argmax() for g in groups])
     criterion, prefix, released = build_criterion(cfg, data, device, dp_seed, unit_labels,
                                                   prior_counts)
+    if cfg.feature_norm != "none":
+        if train_x is None:
+            train_x = FRONT_ENDS.get(cfg.features).encode(data.x_train, cfg)
+        released = {**released, **standardise_features(cfg, model, train_x, dp_seed)}
     optimizer = build_optimizer(model.parameters(), cfg)
     g_sample, g_noise, g_aug = torch.Generator(), torch.Generator(device=device), torch.Generator()
     n_units = len(groups) if groups is not None else n_train
@@ -465,8 +504,10 @@ def start(cfg: RunConfig, data: DataBundle, run_dir: Path, world: World = World(
     if cfg.dp:
         seed = dp_seed(run_dir / "checkpoints", cfg.dp_noise, cfg.seed) if world.main else 0
         seed = world.broadcast_int(seed)
-    setup = setup_training(cfg, data, device, seed, world, model_factory, prior_counts)
-    return Session(cfg, run_dir, data, device, setup, Inputs(cfg, data, device), world)
+    inputs = Inputs(cfg, data, device)
+    setup = setup_training(cfg, data, device, seed, world, model_factory, prior_counts,
+                           inputs.train_x)
+    return Session(cfg, run_dir, data, device, setup, inputs, world)
 
 
 def resume(s: Session) -> None:
@@ -761,7 +802,8 @@ def privacy_statement(cfg: RunConfig, n_units: int) -> Dict[str, Any]:
         "n_units": n_units, "delta": cfg.delta, "accountant": cfg.accountant,
         "mechanism": f"Poisson-subsampled Gaussian mechanism (DP-{cfg.optimizer.upper()} by "
                      f"Opacus, per-{unit} clipping at C = {cfg.max_grad_norm})"
-                     + (" composed with a noisy class histogram" if cfg.logit_adjust else ""),
+                     + (" composed with a noisy class histogram" if cfg.logit_adjust else "")
+                     + (" and noisy feature statistics" if cfg.feature_norm == "private" else ""),
         "dp_noise": cfg.dp_noise,
         "dp_noise_note": {
             "secret": "the DP randomness (sampling, noise) comes from a seed drawn from OS "
@@ -804,6 +846,12 @@ def _notes(cfg: RunConfig) -> List[str]:
                 f"{unit}s' classes released once with the Gaussian mechanism (L2 sensitivity 1, "
                 f"noise std {cfg.hist_noise}); eps is the accountant's composition of that release "
                 "(as one step with q = 1) and the DP training steps.")
+        if cfg.feature_norm == "private":
+            notes.append(
+                f"The head standardises its features with their count, sum and sum of squares "
+                f"over the training images, released once with the Gaussian mechanism (rows "
+                f"clipped to the front end's norm bound; noise multiplier {cfg.stats_noise}), "
+                "composed into eps as one more step with q = 1.")
     else:
         notes.append("Non-private: no privacy guarantee.")
     return notes
