@@ -85,7 +85,8 @@ parts = {RECIPES.get(name).label: sweep(RECIPES.get(name).configs(P, backbones=[
                                             nproc=P.nproc)
          for name in compared}
 runs = pd.concat([df.assign(model=k) for k, df in parts.items()], ignore_index=True)
-runs["ε"] = np.where(runs["dp"].astype(bool), runs["target_epsilon"], np.inf)
+runs["ε"] = np.where(runs["dp"].astype(bool),
+                    pd.to_numeric(runs["target_epsilon"], errors="coerce"), np.inf).astype(float)
 
 # %% [markdown]
 # ## Balanced accuracy at each budget
@@ -214,7 +215,8 @@ glue("abl_worst_drop", drops[worst], display=False)
 # {numref}`fig-proposed-recall` shows it.
 
 # %% tags=["hide-input"] mystnb={"figure": {"caption": "Test recall per class at the largest budget (mean over seeds).", "name": "fig-proposed-recall"}}
-sel = runs[(runs["ε"] == e_hi) | ~np.isfinite(runs["ε"])]
+eps_of_run = runs["ε"].astype(float)
+sel = runs[(eps_of_run == e_hi) | ~np.isfinite(eps_of_run)]
 rec = recall_by_class(sel, ["model"])
 fig, ax = plt.subplots(figsize=(8, 3.6))
 sns.barplot(data=rec, x="class", y="recall", hue="model", ax=ax, errorbar=None)
