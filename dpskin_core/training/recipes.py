@@ -79,6 +79,9 @@ class Params:
     #: the networks the private recipes sweep (a subset of ``backbones``; None: all of them):
     #: a profile can afford converged non-private references of more networks than DP grids
     dp_backbones: Optional[Tuple[str, ...]] = None
+    #: the learning rate of the technique's first generation (``proposed-colour``), when it
+    #: differs from the second's (None: ``proposed_lr``)
+    proposed_colour_lr: Optional[float] = None
 
     def __post_init__(self) -> None:
         for name in ("backbones", "seeds", "epsilons", "lesion_epsilons", "loso_sites"):
@@ -272,7 +275,8 @@ def proposed(p: Params) -> RunConfig:
 def proposed_colour(p: Params) -> RunConfig:
     """The technique's first generation: colour-histogram front end, linear head by DP-SGD,
     logit adjustment by a noisy class histogram (counted in eps), EMA of the weights."""
-    return _technique(p, features="colour", backbone="colour_linear")
+    lr = p.proposed_lr if p.proposed_colour_lr is None else p.proposed_colour_lr
+    return _technique(p, features="colour", backbone="colour_linear", lr=lr)
 
 
 @_recipe("proposed-nonprivate", "proposed recipe, non-private", ("seed",))

@@ -242,14 +242,12 @@ def prefix_history(cfg: RunConfig) -> Tuple[Tuple[float, float, int], ...]:
 
 def standardise_features(cfg: RunConfig, model: nn.Module, train_x: torch.Tensor,
                          dp_seed: Optional[int] = None) -> Dict[str, Any]:
-    """Set a standardising head's feature statistics (``cfg.feature_norm``); return the record
-    of the release. Under DP one Gaussian release from the run's DP seed
+    """Set a standardising head's feature statistics (``cfg.feature_norm`` private or exact);
+    return the record of the release. Under DP one Gaussian release from the run's DP seed
     (:func:`.technique.noisy_feature_stats`, the step (stats_noise, 1, 1) of
     :func:`prefix_history`); non-private runs read the exact statistics."""
     from .technique import exact_feature_stats, noisy_feature_stats, stats_sensitivity
 
-    if cfg.feature_norm == "none":
-        return {}
     train_x = train_x.cpu()
     if cfg.feature_norm == "private":
         bound = FRONT_ENDS.get(cfg.features).norm_bound
