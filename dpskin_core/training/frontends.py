@@ -100,14 +100,26 @@ def colour_features(x: np.ndarray) -> np.ndarray:
     (Hellinger embedding, so a linear model compares distributions sensibly). Fixed,
     data-independent, invariant to flips and 90-degree rotations.
     """
-    t = torch.from_numpy(np.ascontiguousarray(x))
+    idx = (torch.from_numpy(np.ascontiguousarray(x)).long() * COLOUR_BINS) // 256  # 0..3
+    cells = idx[..., 0] * COLOUR_BINS ** 2 + idx[..., 1] * COLOUR_BINS + idx[..., 2]
+    return cell_histograms(cells, COLOUR_BINS ** 3)
+
+
+def centre(t: torch.Tensor) -> torch.Tensor:
+    """The middle half of each side of images (N, S, S, ...), where the lesion usually is."""
     s = t.shape[1]
+    return t[:, s // 4: s - s // 4, s // 4: s - s // 4]
+
+
+def cell_histograms(cells: torch.Tensor, n_cells: int) -> np.ndarray:
+    """Square-rooted fractions of pixels per cell (N, S, S) -> float32 (N, 2 * n_cells), for
+    the whole image and its :func:`centre` (the Hellinger embedding: a linear model compares
+    the distributions sensibly)."""
     out = []
-    for region in (t, t[:, s // 4: s - s // 4, s // 4: s - s // 4]):
-        idx = (region.long() * COLOUR_BINS) // 256  # 0..3 per channel
-        code = (idx[..., 0] * COLOUR_BINS ** 2 + idx[..., 1] * COLOUR_BINS + idx[..., 2]).flatten(1)
-        h = torch.zeros(len(t), COLOUR_BINS ** 3).scatter_add_(1, code, torch.ones(code.shape))
-        out.append(torch.sqrt(h / code.shape[1]))
+    for region in (cells, centre(cells)):
+        code = region.flatten(1)
+        hist = torch.zeros(len(code), n_cells).scatter_add_(1, code, torch.ones(code.shape))
+        out.append(torch.sqrt(hist / code.shape[1]))
     return torch.cat(out, 1).numpy().astype(np.float32)
 
 
@@ -124,14 +136,8 @@ def hsv_features(x: np.ndarray, bins: Tuple[int, int, int] = (8, 4, 4)) -> np.nd
     hue = torch.stack([((g - b) / safe) % 6, (b - r) / safe + 2, (r - g) / safe + 4], -1)
     h = torch.where(c > 0, hue.gather(-1, arg.unsqueeze(-1)).squeeze(-1) / 6, torch.zeros_like(c))
     sat = torch.where(mx > 0, c / torch.where(mx > 0, mx, torch.ones_like(mx)), torch.zeros_like(mx))
-    hsv = torch.stack([h, sat, mx], -1)
-    s, n_cells, out = t.shape[1], int(np.prod(bins)), []
-    for region in (hsv, hsv[:, s // 4: s - s // 4, s // 4: s - s // 4]):
-        idx = [torch.clamp((region[..., i] * bins[i]).long(), max=bins[i] - 1) for i in range(3)]
-        code = ((idx[0] * bins[1] + idx[1]) * bins[2] + idx[2]).flatten(1)
-        hist = torch.zeros(len(t), n_cells).scatter_add_(1, code, torch.ones(code.shape))
-        out.append(torch.sqrt(hist / code.shape[1]))
-    return torch.cat(out, 1).numpy().astype(np.float32)
+    idx = [torch.clamp((v * b).long(), max=b - 1) for v, b in zip((h, sat, mx), bins)]
+    return cell_histograms((idx[0] * bins[1] + idx[1]) * bins[2] + idx[2], int(np.prod(bins)))
 
 
 def colour_moments(x: np.ndarray) -> np.ndarray:
@@ -142,8 +148,7 @@ def colour_moments(x: np.ndarray) -> np.ndarray:
     s = f.shape[1]
     border = torch.ones(s, s, dtype=torch.bool)
     border[s // 4: s - s // 4, s // 4: s - s // 4] = False
-    regions = (f.flatten(1, 2), f[:, s // 4: s - s // 4, s // 4: s - s // 4].flatten(1, 2),
-               f[:, border])
+    regions = (f.flatten(1, 2), centre(f).flatten(1, 2), f[:, border])
     out = [m for reg in regions for m in (reg.mean(1), reg.std(1))]
     out.append(out[2] - out[4])
     return torch.cat(out, 1).numpy().astype(np.float32)

@@ -78,8 +78,8 @@ def stats_sensitivity(norm_bound: float) -> float:
 
 
 def noisy_feature_stats(x: torch.Tensor, noise_std: float, norm_bound: float,
-                        generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, float]:
-    """(mean, std, noisy count) of the rows of ``x`` (N, D), by one Gaussian release.
+                        generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the rows of ``x`` (N, D), by one Gaussian release.
 
     Rows are first clipped to L2 norm ``norm_bound`` (a no-op for a front end that guarantees
     it), then (N, sum x, sum x^2) gets N(0, (noise_std * sensitivity)^2) per coordinate; the
@@ -98,7 +98,7 @@ def noisy_feature_stats(x: torch.Tensor, noise_std: float, norm_bound: float,
     n = max(float(released[0]), 1.0)
     mean = released[1:1 + d] / n
     var = (released[1 + d:] / n - mean * mean).clamp_min(VAR_FLOOR)
-    return mean.float(), var.sqrt().float(), n
+    return mean.float(), var.sqrt().float()
 
 
 def exact_feature_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -251,7 +251,7 @@ def standardise_features(cfg: RunConfig, model: nn.Module, train_x: torch.Tensor
     train_x = train_x.cpu()
     if cfg.feature_norm == "private":
         bound = FRONT_ENDS.get(cfg.features).norm_bound
-        mean, std, _ = noisy_feature_stats(
+        mean, std = noisy_feature_stats(
             train_x, cfg.stats_noise, bound,
             torch.Generator().manual_seed(_seed(dp_seed, "feature-stats")))
         record = {"feature_stats": {
@@ -261,8 +261,8 @@ def standardise_features(cfg: RunConfig, model: nn.Module, train_x: torch.Tensor
                         "mechanism); the head's shift and scale, in the released model"}}
     else:
         (mean, std), record = exact_feature_stats(train_x), {}
-    _unwrapped(model).standardise(mean.to(next(model.parameters()).device),
-                                  std.to(next(model.parameters()).device))
+    device = next(model.parameters()).device
+    _unwrapped(model).standardise(mean.to(device), std.to(device))
     return record
 
 
