@@ -22,8 +22,10 @@
 #    without any training data: colour histograms (RGB and hue-saturation-value, of the lesion
 #    and of the whole image), colour moments (the lesion against the surrounding skin) and
 #    gradient statistics of the luminance at three scales (texture), each block scaled to unit
-#    norm per image; DP noise is then spent on a linear head with few parameters instead of a
-#    CNN;
+#    norm per image, of the images at {glue:text}`proposed_px` px (the end-to-end networks see
+#    {glue:text}`image_px` px: the descriptor's size does not grow with the image's, and its
+#    texture and hue statistics are finer at a larger side); DP noise is then spent on a linear
+#    head with few parameters instead of a CNN;
 # 2. **private feature normalisation**: the head standardises its inputs with their mean and
 #    variance over the training images, computed from one Gaussian release of their count, sum
 #    and sum of squares (every row has norm 2, which bounds the sensitivity), as
@@ -69,6 +71,8 @@ P = profile_params(profile, overrides)
 epsilons, delta = P.epsilons, P.delta
 b0 = P.backbones[0]
 glue("proposed_batch_size", P.proposed_batch_size, display=False)
+glue("proposed_px", RECIPES.get("proposed").config(P, seed=P.seeds[0]).image_size, display=False)
+glue("image_px", P.image_size, display=False)
 
 # %% [markdown]
 # ## Training
@@ -150,7 +154,8 @@ glue("ratio_hi", bacc(PROPOSED, e_hi) / np_ref, display=False)
 # At $\varepsilon$ = {glue:text}`eps_hi:g` the proposed technique reaches a balanced accuracy of
 # {glue:text}`prop_hi:.3f`, {glue:text}`gain_hi:+.3f` against the better of DP-SGD and DP-Adam
 # on the {glue:text}`backbone` network and {glue:text}`ratio_hi:.2f` times the better
-# non-private model of that network ({glue:text}`np_ref:.3f`). At $\varepsilon$ =
+# non-private model of that network ({glue:text}`np_ref:.3f`; the networks see
+# {glue:text}`image_px` px images, the technique's descriptor {glue:text}`proposed_px` px). At $\varepsilon$ =
 # {glue:text}`eps_lo:g` it reaches {glue:text}`prop_lo:.3f` ({glue:text}`gain_lo:+.3f` against
 # the better DP optimiser). Means over {glue:text}`n_seeds` seeds or more.
 #
@@ -164,16 +169,20 @@ figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
 #
 # The full recipe against the same recipe without logit adjustment (plain cross-entropy, no
 # histogram release), without the EMA of the weights, without the private normalisation (the
-# features as the front end gives them, no statistics released), without the front end (the
-# end-to-end {glue:text}`backbone` on pixels at the DP-SGD learning rate of chapter
-# {doc}`02_dp_sgd`, keeping logit adjustment and EMA), with the other data-independent front
-# end, wavelet scattering coefficients and their linear head, in place of the dermoscopy
-# features, and the first generation (colour histograms alone, not normalised).
+# features as the front end gives them, no statistics released), with the descriptor of the
+# images at {glue:text}`image_px` px (the profile's side; the same recipe where the two sides are
+# equal), without the front end (the end-to-end {glue:text}`backbone` on pixels at
+# {glue:text}`image_px` px with the DP-SGD learning rate, batch, epochs and EMA of chapter
+# {doc}`02_dp_sgd`, keeping the technique's logit adjustment), with the other data-independent front end, wavelet scattering
+# coefficients of the images at {glue:text}`image_px` px and their linear head, in place of the
+# dermoscopy features (compare it with the descriptor at the same side), and the first
+# generation (colour histograms alone, not normalised, at {glue:text}`image_px` px).
 
 # %% tags=["hide-output"]
 ablations = [RECIPES.get(n) for n in ("ablation/no-logit-adjustment", "ablation/no-ema",
                                        "ablation/no-private-normalisation",
-                                       "ablation/no-front-end", "ablation/scatter-front-end",
+                                       "ablation/profile-resolution", "ablation/no-front-end",
+                                       "ablation/scatter-front-end",
                                        "proposed-colour")]
 abl = pd.concat([sweep(r.configs(P, epsilons=ablation_epsilons), P.runs_root,
                        nproc=P.nproc).assign(model=r.label)

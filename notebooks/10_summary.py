@@ -52,6 +52,9 @@ if runs.empty:
                        "training notebooks first (dpskin book)")
 runs.loc[runs["recipe"] == "proposed", "backbone"] = backbones[0]  # compared on the same split
 runs["method"] = runs["label"]
+# a method that sees images at another side than the profile's (the technique's descriptor) says so
+px = pd.to_numeric(runs["image_size"]).astype(int)
+runs.loc[px != image_size, "method"] += " (" + px.astype(str) + " px)"
 runs["ε"] = np.where(runs["dp"].astype(bool), runs["target_epsilon"], np.inf)
 print(f"{len(runs)} runs from {runs_root} ({runs['method'].nunique()} methods, "
       f"{runs['backbone'].nunique()} backbones, seeds {sorted(int(v) for v in runs['seed'].unique())})")

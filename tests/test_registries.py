@@ -144,3 +144,39 @@ def test_private_recipes_sweep_the_dp_backbones():
     for bad in (["resnet18"], []):
         with pytest.raises(ConfigError, match="dp_backbones must be a non-empty subset"):
             Params.from_mapping({**dataclasses.asdict(p), "dp_backbones": bad})
+
+
+def test_the_technique_sees_its_own_image_size():
+    """The second generation describes images at ``proposed_image_size``; its non-private
+    ceiling and ablations follow it, except the ablation that restores the profile's size, the
+    pixel ablation (an end-to-end network) and the attacked model (chapter 05 attacks every
+    model with the same images); None falls back to ``image_size``."""
+    import dataclasses
+
+    p = load_registry().params("cpu")
+    assert p.proposed_image_size and p.proposed_image_size != p.image_size
+    size = {n: RECIPES.get(n).config(p, seed=0, **({"target_epsilon": 8.0}
+                                                    if RECIPES.get(n).private else {})).image_size
+            for n in ("proposed", "proposed-nonprivate", "ablation/no-ema",
+                      "ablation/profile-resolution", "ablation/no-front-end",
+                      "ablation/scatter-front-end", "proposed-colour")}
+    assert size == {"proposed": p.proposed_image_size, "proposed-nonprivate": p.proposed_image_size,
+                    "ablation/no-ema": p.proposed_image_size,
+                    "ablation/profile-resolution": p.image_size,
+                    "ablation/no-front-end": p.image_size,
+                    "ablation/scatter-front-end": p.image_size, "proposed-colour": p.image_size}
+    assert RECIPES.get("attack/proposed").configs(p, n_train=5000)[0].image_size == p.image_size
+    same = dataclasses.replace(p, proposed_image_size=None)
+    assert RECIPES.get("proposed").config(same, target_epsilon=8.0, seed=0).image_size == p.image_size
+
+
+@pytest.mark.parametrize("field", ["proposed_image_size", "proposed_colour_epochs"])
+@pytest.mark.parametrize("bad", [0, -32, 1.5, True, "64"])
+def test_technique_sides_and_epochs_must_be_positive_integers(field, bad):
+    import dataclasses
+
+    from dpskin_core.training.recipes import Params
+
+    p = load_registry().params("cpu")
+    with pytest.raises(ConfigError, match=f"{field} must be a positive integer"):
+        Params.from_mapping({**dataclasses.asdict(p), field: bad})

@@ -68,6 +68,14 @@ class FederationError(DpskinError):
     """A federation could not complete a round (too few clients replied, a client failed)."""
 
 
+def _refuse_unknown(d: Mapping[str, Any], kind: type, where: str) -> None:
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(sorted(known))}")
+
+
 @dataclass(frozen=True)
 class FLConfig:
     """One federated experiment. ``run`` is the clients' local recipe (its ``epochs`` are
@@ -117,19 +125,15 @@ class FLConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FLConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"federation config: unknown key(s) {', '.join(unknown)}; known: "
-                              f"{', '.join(sorted(known))}")
+        """Build from a mapping; unknown keys, at the top or in ``partition`` / ``client_dp``,
+        raise :class:`ConfigError` naming them."""
+        _refuse_unknown(d, cls, "federation config")
         d = dict(d)
         if isinstance(d.get("run"), Mapping):
             d["run"] = RunConfig.from_dict(d["run"])
         for key, kind in (("partition", Partition), ("client_dp", ClientDP)):
             if isinstance(d.get(key), Mapping):
-                bad = sorted(set(d[key]) - {f.name for f in fields(kind)})
-                if bad:
-                    raise ConfigError(f"federation {key}: unknown key(s) {', '.join(bad)}")
+                _refuse_unknown(d[key], kind, f"federation {key}")
                 d[key] = kind(**d[key])
         return cls(**d)
 

@@ -79,9 +79,15 @@ class Params:
     #: the networks the private recipes sweep (a subset of ``backbones``; None: all of them):
     #: a profile can afford converged non-private references of more networks than DP grids
     dp_backbones: Optional[Tuple[str, ...]] = None
-    #: the learning rate of the technique's first generation (``proposed-colour``), when it
-    #: differs from the second's (None: ``proposed_lr``)
+    #: the learning rate, epochs and EMA decay of the technique's first generation
+    #: (``proposed-colour``), where they differ from the second's (None: ``proposed_lr``,
+    #: ``proposed_epochs``, ``proposed_ema``)
     proposed_colour_lr: Optional[float] = None
+    proposed_colour_epochs: Optional[int] = None
+    proposed_colour_ema: Optional[float] = None
+    #: the side (px) of the images the second generation's front end describes (None:
+    #: ``image_size``): its features cost the same at any size, and are richer above 32 px
+    proposed_image_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("backbones", "seeds", "epsilons", "lesion_epsilons", "loso_sites"):
@@ -89,6 +95,11 @@ class Params:
         for name in ("backbones", "seeds"):
             if not getattr(self, name):
                 raise ConfigError(f"profile parameter {name} is empty")
+        for name in ("proposed_image_size", "proposed_colour_epochs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"profile parameter {name} must be a positive integer or null, "
+                                  f"got {v!r}")
         if self.dp_backbones is not None:
             object.__setattr__(self, "dp_backbones", tuple(self.dp_backbones))
             extra = [b for b in self.dp_backbones if b not in self.backbones]
@@ -268,15 +279,20 @@ def proposed(p: Params) -> RunConfig:
     """Dermoscopy front end (colour and hue histograms, colour moments, texture; each block of
     unit norm), standardised by privately released feature statistics (counted in eps), linear
     head by DP-SGD, logit adjustment by a noisy class histogram (counted in eps), EMA."""
-    return _technique(p, features="derm", backbone="derm_linear", feature_norm="private")
+    return _technique(p, features="derm", backbone="derm_linear", feature_norm="private",
+                      image_size=p.proposed_image_size or p.image_size)
 
 
 @_recipe("proposed-colour", "first generation (colour histograms, DP-SGD)", PROPOSED)
 def proposed_colour(p: Params) -> RunConfig:
     """The technique's first generation: colour-histogram front end, linear head by DP-SGD,
     logit adjustment by a noisy class histogram (counted in eps), EMA of the weights."""
-    lr = p.proposed_lr if p.proposed_colour_lr is None else p.proposed_colour_lr
-    return _technique(p, features="colour", backbone="colour_linear", lr=lr)
+    def own(name: str) -> Any:
+        v = getattr(p, f"proposed_colour_{name}")
+        return getattr(p, f"proposed_{name}") if v is None else v
+
+    return _technique(p, features="colour", backbone="colour_linear", lr=own("lr"),
+                      epochs=own("epochs"), ema_decay=own("ema"))
 
 
 @_recipe("proposed-nonprivate", "proposed recipe, non-private", ("seed",))
@@ -311,19 +327,32 @@ def ablation_no_private_normalisation(p: Params) -> RunConfig:
     return proposed(p).replace(feature_norm="none")
 
 
+@_recipe("ablation/profile-resolution", "front end at the profile's image size", PROPOSED)
+def ablation_profile_resolution(p: Params) -> RunConfig:
+    """The dermoscopy features of the images at the profile's ``image_size`` instead of
+    ``proposed_image_size`` (the same recipe where the two are equal)."""
+    return proposed(p).replace(image_size=p.image_size)
+
+
 @_recipe("ablation/no-front-end", "without front end (pixels)", PROPOSED)
 def ablation_no_front_end(p: Params) -> RunConfig:
-    """The end-to-end backbone on pixels at the DP-SGD schedule, keeping logit adjustment and EMA."""
+    """The end-to-end backbone on pixels at the DP-SGD schedule (its rate, batch, epochs and
+    EMA decay) and the profile's image size (as the DP baselines; a network's step costs ~4x at
+    twice the side), keeping the technique's logit adjustment."""
     return proposed(p).replace(features="pixels", backbone=p.backbones[0], feature_norm="none",
-                               lr=p.lr_dp_sgd, batch_size=p.dp_batch_size, epochs=p.dp_epochs,
-                               augment_flips=True, augment_rot90=True)
+                               image_size=p.image_size, lr=p.lr_dp_sgd, batch_size=p.dp_batch_size,
+                               epochs=p.dp_epochs, ema_decay=p.dp_ema, augment_flips=True,
+                               augment_rot90=True)
 
 
 @_recipe("ablation/scatter-front-end", "scattering front end instead", PROPOSED)
 def ablation_scatter_front_end(p: Params) -> RunConfig:
     """Wavelet scattering coefficients (kymatio) and their linear head instead of the
-    dermoscopy features, with dihedral views in feature space."""
+    dermoscopy features, with dihedral views in feature space, at the profile's image size
+    (81 (S/4)^2 coefficients: they grow with the side; compare with
+    ``ablation/profile-resolution``)."""
     return proposed(p).replace(features="scatter", backbone="scatter_linear", feature_norm="none",
+                               image_size=p.image_size,
                                augment_flips=True, augment_rot90=True)
 
 
@@ -412,7 +441,8 @@ def attack_proposed(p: Params, n_train: Optional[int] = None) -> RunConfig:
         raise ConfigError("recipe 'attack/proposed' needs n_train (images in the training split)")
     pool = p.attack_pool_size or n_train
     batch = min(p.proposed_batch_size, max(1, round(p.proposed_batch_size * (pool // 2) / n_train)))
-    return _attack(proposed(p).replace(batch_size=batch), p)
+    # at the profile's image size: the chapter attacks every model with the same images
+    return _attack(proposed(p).replace(batch_size=batch, image_size=p.image_size), p)
 
 
 #: the attacked models of chapter 05, by the label its tables use
