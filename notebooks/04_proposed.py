@@ -155,9 +155,10 @@ glue("ratio_hi", bacc(PROPOSED, e_hi) / np_ref, display=False)
 # {glue:text}`prop_hi:.3f`, {glue:text}`gain_hi:+.3f` against the better of DP-SGD and DP-Adam
 # on the {glue:text}`backbone` network and {glue:text}`ratio_hi:.2f` times the better
 # non-private model of that network ({glue:text}`np_ref:.3f`; the networks see
-# {glue:text}`image_px` px images, the technique's descriptor {glue:text}`proposed_px` px). At $\varepsilon$ =
-# {glue:text}`eps_lo:g` it reaches {glue:text}`prop_lo:.3f` ({glue:text}`gain_lo:+.3f` against
-# the better DP optimiser). Means over {glue:text}`n_seeds` seeds or more.
+# {glue:text}`image_px` px images, the technique's descriptor {glue:text}`proposed_px` px).
+# At $\varepsilon$ = {glue:text}`eps_lo:g` it reaches {glue:text}`prop_lo:.3f`
+# ({glue:text}`gain_lo:+.3f` against the better DP optimiser). Means over
+# {glue:text}`n_seeds` seeds or more.
 #
 # {numref}`fig-proposed-vs-eps` shows it.
 
@@ -173,10 +174,11 @@ figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
 # images at {glue:text}`image_px` px (the profile's side; the same recipe where the two sides are
 # equal), without the front end (the end-to-end {glue:text}`backbone` on pixels at
 # {glue:text}`image_px` px with the DP-SGD learning rate, batch, epochs and EMA of chapter
-# {doc}`02_dp_sgd`, keeping the technique's logit adjustment), with the other data-independent front end, wavelet scattering
-# coefficients of the images at {glue:text}`image_px` px and their linear head, in place of the
-# dermoscopy features (compare it with the descriptor at the same side), and the first
-# generation (colour histograms alone, not normalised, at {glue:text}`image_px` px).
+# {doc}`02_dp_sgd`, keeping the technique's logit adjustment), with the other data-independent
+# front end, wavelet scattering coefficients of the images at {glue:text}`image_px` px and
+# their linear head, in place of the dermoscopy features (compare it with the descriptor at
+# the same side), and the first generation (colour histograms alone, not normalised, at
+# {glue:text}`image_px` px).
 
 # %% tags=["hide-output"]
 ablations = [RECIPES.get(n) for n in ("ablation/no-logit-adjustment", "ablation/no-ema",
