@@ -12,6 +12,13 @@ n, per recipe and eps.
 
 ``--sites``: leave one HAM10000 acquisition site out as the test split (``split=site:<site>``;
 ``all``: the profile's ``loso_sites``), a proxy for images from another clinic.
+
+``--search``: each (recipe, eps, seed) is the base of a private hyperparameter search over the
+profile's ``technique_search`` space (chapter ``07_tuning`` of ``experiments.yml``;
+:func:`dpskin_core.book.search.private_search`); the row is its released winner, with the eps
+of the winning run alone (``eps``) and of the whole search (``eps_search``).
+
+    python benchmarks/bench_proposed.py --recipes proposed --eps 1,3,8 --seeds 0,1,2 --search
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ def main() -> None:
     p.add_argument("--sites", default=None,
                    help="comma list of held-out sites, or 'all' (the profile's loso_sites); "
                         "default: the lesion-grouped split")
+    p.add_argument("--search", action="store_true",
+                   help="privately search each point over the profile's technique_search space")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/proposed.csv")
     args = p.parse_args()
@@ -44,19 +53,37 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     sites = (list(P.loso_sites) if args.sites == "all" else args.sites.split(",")) if args.sites \
         else [None]
+    space = None
+    if args.search:
+        from dpskin_core.book.registry import load_registry
+        from dpskin_core.book.search import SearchSpace, private_search, winner_runs
+
+        space = SearchSpace.from_mapping(
+            load_registry().parameters_for("07_tuning", args.profile)["technique_search"],
+            "technique_search")
     rows = []
     for name in args.recipes.split(","):
         base = RECIPES.get(name).configs(P, backbones=P.backbones[:1], epsilons=eps, seeds=seeds)
         for cfg in [c if site is None else c.replace(split=f"site:{site}")
                     for c in base for site in sites]:
-            res = run(cfg, runs_root=args.runs)
-            rows.append({"recipe": name, "split": cfg.split,
-                         "target_eps": cfg.target_epsilon if cfg.dp else None,
-                         "seed": cfg.seed, "run": res.run_id, "eps": res.epsilon,
-                         "delta": cfg.delta if cfg.dp else None,
-                         "noise_multiplier": res.noise_multiplier,
-                         "test_bacc": res.final_metrics["balanced_accuracy"],
-                         "wall_s": res.meta.get("wall_time_s")})
+            if space is None:
+                res = run(cfg, runs_root=args.runs)
+                rows.append({"recipe": name, "split": cfg.split,
+                             "target_eps": cfg.target_epsilon if cfg.dp else None,
+                             "seed": cfg.seed, "run": res.run_id, "eps": res.epsilon,
+                             "delta": cfg.delta if cfg.dp else None,
+                             "noise_multiplier": res.noise_multiplier,
+                             "test_bacc": res.final_metrics["balanced_accuracy"],
+                             "wall_s": res.meta.get("wall_time_s")})
+            else:  # the released winner of a private search based at this point
+                found = private_search(cfg, space, args.runs, verbose=False)
+                w = winner_runs([found]).iloc[0]
+                rows.append({"recipe": name, "split": cfg.split, "target_eps": cfg.target_epsilon,
+                             "seed": cfg.seed, "run": found.winner_dir.name,
+                             "eps": found.epsilon_run, "eps_search": found.epsilon_search,
+                             "delta": found.delta, "noise_multiplier": w["noise_multiplier"],
+                             "val_bacc": found.val_score, "test_bacc": w["balanced_accuracy"],
+                             **{f"search_{k}": v for k, v in found.hyperparameters.items()}})
             print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,11 @@
 # the majority class (chapters {doc}`02_dp_sgd` and {doc}`03_dp_adam`). The technique of this
 # dissertation (defined, with its privacy proof, in the Methods chapter) changes four things:
 #
-# 1. **a data-independent front end**: each image becomes a fixed dermoscopy descriptor, computed
-#    without any training data: colour histograms (RGB and hue-saturation-value, of the lesion
+# 1. **a data-independent front end**: each image is first divided by its own illuminant
+#    estimate (Shades of Gray colour constancy, the Minkowski 6-norm mean of each channel
+#    {cite:p}`finlayson2004shades`), so that the colour cast of a clinic's camera and light
+#    counts less, then becomes a fixed dermoscopy descriptor, computed without any training
+#    data: colour histograms (RGB and hue-saturation-value, of the lesion
 #    and of the whole image), colour moments (the lesion against the surrounding skin) and
 #    gradient statistics of the luminance at three scales (texture), each block scaled to unit
 #    norm per image, of the images at {glue:text}`proposed_px` px (the end-to-end networks see
@@ -38,6 +41,9 @@
 # 4. **large batches, many steps, EMA of the weights**: DP-SGD with batches of
 #    {glue:text}`proposed_batch_size` and an exponential moving average of the weights
 #    (post-processing, free of privacy cost), levers of {cite:t}`de2022unlocking`.
+#
+# The schedule of item 4 is fixed by hand, and that choice is not counted in $\varepsilon$
+# (Methods); chapter {doc}`07_tuning` chooses it instead by a private search whose cost is.
 #
 # The technique's first generation (colour histograms alone, no normalisation) is kept as a
 # recipe of its own and compared.
@@ -169,7 +175,8 @@ figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
 # ## Ablation: each component removed in turn
 #
 # The full recipe against the same recipe without logit adjustment (plain cross-entropy, no
-# histogram release), without the EMA of the weights, without the private normalisation (the
+# histogram release), without colour constancy (the images as stored), without the EMA of the
+# weights, without the private normalisation (the
 # features as the front end gives them, no statistics released), with the descriptor of the
 # images at {glue:text}`image_px` px (the profile's side; the same recipe where the two sides are
 # equal), without the front end (the end-to-end {glue:text}`backbone` on pixels at
@@ -181,7 +188,8 @@ figures.bacc_vs_eps_figure(runs, "model", epsilons, delta);
 # {glue:text}`image_px` px).
 
 # %% tags=["hide-output"]
-ablations = [RECIPES.get(n) for n in ("ablation/no-logit-adjustment", "ablation/no-ema",
+ablations = [RECIPES.get(n) for n in ("ablation/no-logit-adjustment",
+                                       "ablation/no-colour-constancy", "ablation/no-ema",
                                        "ablation/no-private-normalisation",
                                        "ablation/profile-resolution", "ablation/no-front-end",
                                        "ablation/scatter-front-end",

@@ -170,6 +170,27 @@ def test_the_technique_sees_its_own_image_size():
     assert RECIPES.get("proposed").config(same, target_epsilon=8.0, seed=0).image_size == p.image_size
 
 
+def test_the_technique_corrects_colour_and_its_ablation_does_not():
+    """The second generation divides each image by its Shades of Gray illuminant; everything
+    built from it keeps that step except the ablation that removes it; the first generation and
+    the end-to-end baselines see the images as stored."""
+    p = load_registry().params("cpu")
+
+    def cc(n: str) -> str:
+        r = RECIPES.get(n)
+        kw = {"target_epsilon": 8.0} if r.private else {}
+        return r.config(p, seed=0, **kw).colour_constancy
+
+    assert {n: cc(n) for n in ("proposed", "proposed-nonprivate", "ablation/no-ema",
+                               "ablation/no-colour-constancy", "proposed-colour", "dp-sgd",
+                               "nonprivate-adam")} == {
+        "proposed": "shades-of-gray", "proposed-nonprivate": "shades-of-gray",
+        "ablation/no-ema": "shades-of-gray", "ablation/no-colour-constancy": "none",
+        "proposed-colour": "none", "dp-sgd": "none", "nonprivate-adam": "none"}
+    assert RECIPES.get("attack/proposed").configs(p, n_train=5000)[0].colour_constancy == \
+        "shades-of-gray"
+
+
 @pytest.mark.parametrize("field", ["proposed_image_size", "proposed_colour_epochs"])
 @pytest.mark.parametrize("bad", [0, -32, 1.5, True, "64"])
 def test_technique_sides_and_epochs_must_be_positive_integers(field, bad):

@@ -51,13 +51,15 @@ def test_candidates_and_plan():
 
 def test_planned_history_is_the_recorded_history(tmp_path):
     """What the search bounds (without training) is what a run's accountant records."""
-    for extra in ({}, {"logit_adjust": True, "hist_noise": 5.0}):
-        cfg = RunConfig(**DP, **extra)
+    technique = {"features": "derm", "backbone": "derm_linear", "feature_norm": "private",
+                 "colour_constancy": "shades-of-gray", "logit_adjust": True, "lr": 2.0}
+    for extra in ({}, {"logit_adjust": True, "hist_noise": 5.0}, technique):
+        cfg = RunConfig(**{**DP, **extra})
         res = run(cfg, tmp_path)
         rec = [(h["noise_multiplier"], h["sample_rate"], h["steps"])
                for h in res.meta["privacy_history"]]  # prefix included
         plan = planned_history(cfg, int(res.meta["privacy"]["n_units"]))
-        assert len(plan) == len(rec)
+        assert len(plan) == len(rec) == 1 + bool(cfg.logit_adjust) + (cfg.feature_norm == "private")
         for a, b in zip(plan, rec):
             assert np.allclose(a, b, rtol=1e-9), (plan, rec)
     with pytest.raises(ConfigError, match="not DP"):

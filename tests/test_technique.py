@@ -96,6 +96,39 @@ def test_derm_features_bounded_and_invariant_to_dihedral_ops():
     assert np.allclose(derm_features(x[:1]), f[:1])  # per image: no batch statistics
 
 
+@pytest.mark.parametrize("name,p", [("grey-world", 1.0), ("shades-of-gray", 6.0),
+                                    ("max-rgb", float("inf"))])
+def test_colour_constancy_undoes_a_colour_cast_per_image(name, p):
+    from dpskin_core.training.augment import COLOUR_CONSTANCY, shades_of_gray
+
+    rng = np.random.default_rng(2)
+    x = rng.integers(20, 180, (3, 16, 16, 3), dtype=np.uint8)
+    correct = COLOUR_CONSTANCY.get(name)
+    assert np.array_equal(correct(x), shades_of_gray(x, p))
+    assert np.array_equal(shades_of_gray(x, p, chunk=2), shades_of_gray(x, p))  # chunks agree
+    cast = np.array([1.0, 0.8, 0.6])  # a warm illuminant, per channel
+    tinted = np.round(x * cast).astype(np.uint8)
+    a, b = correct(x).astype(float), correct(tinted).astype(float)
+    # the same image under either light, up to its brightness (one number per image) and rounding
+    k = (a * b).sum((1, 2, 3), keepdims=True) / (a * a).sum((1, 2, 3), keepdims=True)
+    assert np.abs(b - k * a).max() <= 3
+    assert np.abs(tinted.astype(int) - x).max() > 60  # ...which the cast had moved a lot
+    grey = np.full((1, 8, 8, 3), 120, np.uint8)
+    assert np.array_equal(correct(grey), grey)  # a neutral image is left as it is
+    assert np.array_equal(correct(x[:1]), correct(x)[:1])  # per image: no batch statistics
+    assert correct(np.zeros((1, 4, 4, 3), np.uint8)).max() == 0  # black stays black, no NaN
+
+
+def test_colour_constancy_names_are_checked():
+    from dpskin_core.training.augment import COLOUR_CONSTANCY
+
+    assert COLOUR_CONSTANCY.names() == sorted(["none", "grey-world", "shades-of-gray", "max-rgb"])
+    with pytest.raises(ConfigError, match="colour_constancy='gray'"):
+        RunConfig(colour_constancy="gray")
+    with pytest.raises(ConfigError, match="colour_constancy='max-rgb' corrects images"):
+        RunConfig(colour_constancy="max-rgb", features="given")
+
+
 def test_hsv_histograms_match_matplotlibs_conversion():
     import matplotlib.colors as mcolors
 
@@ -181,6 +214,7 @@ def test_private_feature_stats_are_counted_and_released_in_the_model(tmp_path):
 @pytest.mark.parametrize("extra", [
     dict(features="colour", backbone="colour_linear", aug_mult=2),
     dict(features="scatter", backbone="scatter_linear", image_size=16),
+    dict(features="derm", backbone="derm_linear", colour_constancy="max-rgb"),
 ])
 def test_technique_end_to_end(tmp_path, extra):
     kw = dict(BASE, lr=2.0, batch_size=64, epochs=2, cache_dir=str(tmp_path / "cache"))

@@ -74,6 +74,9 @@ class TrainedModel:
         if self.config.features != "pixels":
             raise ConfigError(f"features={self.config.features!r}: only pixel models take "
                               "differentiable image inputs (needed by inversion attacks)")
+        if self.config.colour_constancy != "none":
+            raise ConfigError(f"colour_constancy={self.config.colour_constancy!r}: the model sees "
+                              "colour-corrected images, which inversion attacks do not model")
         mean, std = normaliser(self.config.normalisation, x01.device)
         return (x01 - mean) / std
 
@@ -84,7 +87,7 @@ class TrainedModel:
         if x.dtype != np.uint8 or x.shape[-1] != 3:
             raise ConfigError(f"x must be uint8 images (N, S, S, 3), got {x.dtype} {x.shape}")
         front = FRONT_ENDS.get(self.config.features)
-        rows = front.encode(x, self.config.replace(progress=False)).to(self.device)
+        rows = front.rows(x, self.config.replace(progress=False)).to(self.device)
         return front.eval_inputs(rows, normaliser(self.config.normalisation, self.device))
 
     @torch.no_grad()

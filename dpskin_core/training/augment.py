@@ -1,4 +1,8 @@
-"""Batch augmentations and normalisation on tensors, vectorised over the batch.
+"""Batch augmentations, normalisation and colour constancy, vectorised over the batch.
+
+Colour constancy (:data:`COLOUR_CONSTANCY`) is a per-image map of the stored uint8 images,
+applied once before the front end: each image is divided by an estimate of its own illuminant,
+so it reads nothing but that image and costs no privacy.
 
 Images stay uint8 (N, 3, S, S) in memory; each batch is converted to float, augmented with
 per-sample random choices drawn from an explicit ``torch.Generator`` (so a run is
@@ -7,12 +11,44 @@ constants.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Callable, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..constants import NORMALISATIONS
 from ..errors import ConfigError
+from ..registry import Registry
+
+#: name -> uint8 images (N, S, S, 3) -> uint8 images of the same shape
+COLOUR_CONSTANCY: Registry[Callable[[np.ndarray], np.ndarray]] = Registry("colour constancy")
+
+
+def shades_of_gray(x: np.ndarray, p: float, chunk: int = 512) -> np.ndarray:
+    """Shades of Gray colour constancy (Finlayson & Trezzi 2004) of uint8 images (N, S, S, 3).
+
+    Each image's illuminant is the Minkowski p-norm mean of each channel over its pixels
+    (p = 1: grey world; p = inf: max-RGB, the white patch); the image is divided by that colour,
+    scaled to norm sqrt(3) so that a neutral illuminant leaves the image unchanged, and clipped
+    to [0, 255]. Per image and fixed: no other image and no label enters.
+    """
+    out = np.empty_like(x)
+    for i in range(0, len(x), chunk):  # in chunks: float copies of a whole split at 224 px are GBs
+        f = torch.from_numpy(np.ascontiguousarray(x[i:i + chunk])).double().div_(255.0)
+        flat = f.flatten(1, 2)  # (n, S*S, 3)
+        illum = flat.amax(1) if math.isinf(p) else flat.pow(p).mean(1).pow(1.0 / p)
+        illum = illum / illum.norm(dim=1, keepdim=True).clamp_min(1e-12) * math.sqrt(3.0)
+        f = f / illum.clamp_min(1e-12)[:, None, None, :]  # a black image stays black
+        out[i:i + chunk] = f.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+COLOUR_CONSTANCY.register("none")(lambda x: x)
+COLOUR_CONSTANCY.register("grey-world")(lambda x: shades_of_gray(x, 1.0))
+#: p = 6, the choice of the top ISIC 2018 entries
+COLOUR_CONSTANCY.register("shades-of-gray")(lambda x: shades_of_gray(x, 6.0))
+COLOUR_CONSTANCY.register("max-rgb")(lambda x: shades_of_gray(x, math.inf))
 
 
 def normaliser(name: str, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 from ..constants import NORMALISATIONS
 from ..data import DATASETS
 from ..errors import ConfigError, UnknownNameError
+from .augment import COLOUR_CONSTANCY
 from .backbones import BACKBONES
 from .frontends import FRONT_ENDS
 from .optim import OPTIMIZERS
@@ -97,6 +98,9 @@ class RunConfig:
     early_stopping_patience: Optional[int] = None  # epochs without val improvement
     eval_split: str = "test"                # split whose predictions are the run's result
     # --- the proposed technique (training.technique, training.frontends); all off by default
+    colour_constancy: str = "none"          # per-image illuminant correction before the front end
+    #                                         (training.augment.COLOUR_CONSTANCY): none | grey-world
+    #                                         | shades-of-gray | max-rgb
     features: str = "pixels"                # front end (training.frontends): pixels | colour | derm | scatter
     #                                         | given (rows encoded by the caller; run(model_factory=))
     logit_adjust: bool = False              # logit-adjusted loss with a (noisy under dp) class prior
@@ -273,6 +277,10 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg, "class_weights", CLASS_WEIGHTS)
     _choice(cfg, "eval_split", EVAL_SPLITS)
     _choice(cfg, "feature_norm", FEATURE_NORMS)
+    _choice(cfg, "colour_constancy", COLOUR_CONSTANCY.names())
+    if cfg.colour_constancy != "none" and cfg.features == "given":
+        raise ConfigError(f"colour_constancy={cfg.colour_constancy!r} corrects images; "
+                          "features='given' takes rows encoded by the caller")
     if not (isinstance(cfg.split, str) and cfg.split.startswith("site:") and len(cfg.split) > 5):
         _choice(cfg, "split", SPLITS)  # or site:<name>: the site is checked against the data
     if not (0 < cfg.val_frac < 1 and 0 < cfg.test_frac < 1 and cfg.val_frac + cfg.test_frac < 1):

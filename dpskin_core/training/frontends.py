@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..files import save_npy
 from ..registry import Registry
-from .augment import augment, normaliser, to_float
+from .augment import COLOUR_CONSTANCY, augment, normaliser, to_float
 
 Norm = Tuple[torch.Tensor, torch.Tensor]
 SCATTER_J, SCATTER_L = 2, 8
@@ -261,8 +261,16 @@ class FrontEnd:
             raise ConfigError(f"backbone={cfg.backbone!r} does not take features={self.name!r}; "
                               f"use one of {', '.join(self.heads)}")
 
+    def rows(self, x: np.ndarray, cfg: Any) -> torch.Tensor:
+        """The stored rows of uint8 images (N, S, S, 3), on the CPU: the run's colour constancy
+        (``cfg.colour_constancy``), then :meth:`encode`. Every caller goes through here, so a
+        model is trained, evaluated and attacked on the same inputs."""
+        if cfg.colour_constancy != "none":
+            x = COLOUR_CONSTANCY.get(cfg.colour_constancy)(x)
+        return self.encode(x, cfg)
+
     def encode(self, x: np.ndarray, cfg: Any) -> torch.Tensor:
-        """The stored rows of uint8 images (N, S, S, 3), on the CPU."""
+        """The stored rows of (colour-corrected) uint8 images (N, S, S, 3), on the CPU."""
         raise NotImplementedError
 
     def train_views(self, xb: torch.Tensor, k: int, generator: torch.Generator, cfg: Any,
@@ -383,10 +391,10 @@ class Inputs:
     def __init__(self, cfg: Any, data: Any, device: torch.device) -> None:
         self.cfg, self.device, self.k = cfg, device, cfg.aug_mult
         self.front = FRONT_ENDS.get(cfg.features)
-        self.train_x = self._place(self.front.encode(data.x_train, cfg))
-        self.val_x = self._place(self.front.encode(data.x_val, cfg))
+        self.train_x = self._place(self.front.rows(data.x_train, cfg))
+        self.val_x = self._place(self.front.rows(data.x_val, cfg))
         self.eval_x = self.val_x if cfg.eval_split == "val" else self._place(
-            self.front.encode(data.x_test, cfg))
+            self.front.rows(data.x_test, cfg))
         self.norm = normaliser(cfg.normalisation, device)
         self.pipeline_s = 0.0  # seconds spent preparing training batches (train_batch)
 

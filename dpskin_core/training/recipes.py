@@ -276,10 +276,12 @@ def _technique(p: Params, **over: Any) -> RunConfig:
 
 @_recipe("proposed", "proposed (dermoscopy features, private normalisation, DP-SGD)", PROPOSED)
 def proposed(p: Params) -> RunConfig:
-    """Dermoscopy front end (colour and hue histograms, colour moments, texture; each block of
-    unit norm), standardised by privately released feature statistics (counted in eps), linear
-    head by DP-SGD, logit adjustment by a noisy class histogram (counted in eps), EMA."""
+    """Shades of Gray colour constancy per image, then the dermoscopy front end (colour and hue
+    histograms, colour moments, texture; each block of unit norm), standardised by privately
+    released feature statistics (counted in eps), linear head by DP-SGD, logit adjustment by a
+    noisy class histogram (counted in eps), EMA."""
     return _technique(p, features="derm", backbone="derm_linear", feature_norm="private",
+                      colour_constancy="shades-of-gray",
                       image_size=p.proposed_image_size or p.image_size)
 
 
@@ -312,6 +314,13 @@ def proposed_colour_nonprivate(p: Params) -> RunConfig:
 def ablation_no_logit_adjustment(p: Params) -> RunConfig:
     """Plain cross-entropy, no histogram release: more of the budget for the other releases."""
     return proposed(p).replace(logit_adjust=False)
+
+
+@_recipe("ablation/no-colour-constancy", "without colour constancy", PROPOSED)
+def ablation_no_colour_constancy(p: Params) -> RunConfig:
+    """The images as stored, not divided by their Shades of Gray illuminant estimate: the
+    descriptor then also sees each acquisition site's colour cast."""
+    return proposed(p).replace(colour_constancy="none")
 
 
 @_recipe("ablation/no-ema", "without EMA", PROPOSED)

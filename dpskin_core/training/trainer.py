@@ -405,7 +405,7 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
                                                   prior_counts)
     if cfg.feature_norm != "none":
         if train_x is None:
-            train_x = FRONT_ENDS.get(cfg.features).encode(data.x_train, cfg)
+            train_x = FRONT_ENDS.get(cfg.features).rows(data.x_train, cfg)
         released = {**released, **standardise_features(cfg, model, train_x, dp_seed)}
     optimizer = build_optimizer(model.parameters(), cfg)
     g_sample, g_noise, g_aug = torch.Generator(), torch.Generator(device=device), torch.Generator()
