@@ -132,8 +132,7 @@ captioned(released.set_index(["recipe", "network", "target ε", "seed"]).round(3
 fixed = recipe_runs(list(spaces), P, P.runs_root, epsilons=search_epsilons)
 rows = []
 for (r, b, e), g in won.groupby(["recipe", "backbone", "target_epsilon"]):
-    f = fixed[(fixed["recipe"] == r) & (fixed["backbone"] == b)
-              & (fixed["target_epsilon"] == e)] if len(fixed) else fixed  # none run yet: empty
+    f = fixed[(fixed["recipe"] == r) & (fixed["backbone"] == b) & (fixed["target_epsilon"] == e)]
     rows.append({"recipe": r, "network": b, "target ε": e,
                  "searched (test)": fmt_mean_std(g["balanced_accuracy"].mean(), g["balanced_accuracy"].std()),
                  "n searches": len(g),

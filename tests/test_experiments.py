@@ -301,3 +301,18 @@ def test_offline_check_flags_remote_loads_but_not_links():
     assert not mod._REMOTE_LOAD.search('<a href="https://doi.org/10.1000/1">paper</a>')
     assert not mod._REMOTE_LOAD.search('<script src="_static/mathjax/tex-chtml.js"></script>')
     assert mod._REMOTE_CSS.search("src: url('https://fonts.example.com/a.woff2')")
+
+
+def test_recipe_runs_of_an_empty_folder_has_the_config_columns(tmp_path):
+    """Nothing run yet: an empty table that can still be filtered on config fields (chapter
+    07 compares searches with the hand-chosen runs by recipe, network and budget)."""
+    from dpskin_core.book.registry import load_registry
+    from dpskin_core.book.sweeps import recipe_runs
+
+    p = load_registry().params("smoke")
+    assert recipe_runs(["dp-sgd"], p, tmp_path / "absent").empty
+    t = recipe_runs(["dp-sgd", "proposed"], p, tmp_path)  # a folder holding no run
+    assert t.empty
+    picked = t[(t["recipe"] == "dp-sgd") & (t["backbone"] == "smallcnn_fast")
+               & (t["target_epsilon"] == 8.0)]
+    assert picked.empty and {"run", "recipe", "label", "seed"} <= set(t.columns)

@@ -28,8 +28,9 @@ PathLike = Union[str, Path]
 def _rows(configs: Sequence[RunConfig], ids: Sequence[str], runs_root: PathLike) -> pd.DataFrame:
     """One row per config (as ``load_runs``), labelled with the recipe that asked for it."""
     runs = load_runs(runs_root)
-    if runs.empty or not ids:
-        return pd.DataFrame(columns=["run", "recipe", "label"])
+    if runs.empty or not ids:  # still with the config's columns, so callers can filter on them
+        return pd.DataFrame(columns=list(dict.fromkeys(["run", *RunConfig.__dataclass_fields__,
+                                                        "recipe", "label"])))
     out = runs.set_index("run").loc[list(ids)].reset_index()
     # a run shared by two recipes records the first; each row takes its caller's recipe
     out["recipe"] = [c.recipe for c in configs]
@@ -96,7 +97,7 @@ def recipe_runs(names: Sequence[str], p: Params, runs_root: PathLike, *,
     """The complete runs of the current code of recipes ``names`` over the grid of ``p`` (as
     :func:`sweep` returns them), found by their run ids; nothing is trained. Grid points not
     run yet are missing from the table."""
-    done = set(load_runs(runs_root)["run"]) if Path(runs_root).is_dir() else set()
+    done = set(load_runs(runs_root).get("run", ())) if Path(runs_root).is_dir() else set()
     version = code_version()
     configs = [c for n in names for c in RECIPES.get(n).configs(p, epsilons=epsilons)]
     ids = [config_hash(c, version) for c in configs]
