@@ -4,9 +4,10 @@ Picks recipes by name (``dpskin_core.training.recipes``) and builds them from a 
 ``experiments.yml`` (default ``cpu``), so the benchmark trains exactly what the book trains;
 every run goes through ``dpskin_core.run`` (finished runs are reused, each figure has a run
 record). Prints balanced accuracy on the lesion-grouped test split, mean ± std over seeds with
-n, per recipe and eps.
+n, per recipe, network and eps.
 
     python benchmarks/bench_proposed.py --recipes proposed,ablation/no-ema --eps 3,8
+    python benchmarks/bench_proposed.py --recipes nonprivate-adam --backbones resnet18 --runs runs/cpu
     python benchmarks/bench_proposed.py --recipes dp-sgd,dp-adam,nonprivate-adam --seeds 0,1,2
     python benchmarks/bench_proposed.py --recipes proposed,proposed-colour --eps 8 --sites all
 
@@ -39,6 +40,9 @@ def main() -> None:
                    "ablation/no-front-end", help=f"comma list of: {', '.join(RECIPES.names())}")
     p.add_argument("--eps", default=None, help="comma list (default: the profile's epsilons)")
     p.add_argument("--seeds", default=None, help="comma list (default: the profile's seeds)")
+    p.add_argument("--backbones", default=None,
+                   help="comma list of networks of the recipes swept over one (default: the "
+                        "profile's first backbone)")
     p.add_argument("--runs", default="runs/proposed", help="runs folder")
     p.add_argument("--sites", default=None,
                    help="comma list of held-out sites, or 'all' (the profile's loso_sites); "
@@ -63,32 +67,32 @@ def main() -> None:
             "technique_search")
     rows = []
     for name in args.recipes.split(","):
-        base = RECIPES.get(name).configs(P, backbones=P.backbones[:1], epsilons=eps, seeds=seeds)
+        nets = args.backbones.split(",") if args.backbones else P.backbones[:1]
+        base = RECIPES.get(name).configs(P, backbones=nets, epsilons=eps, seeds=seeds)
         for cfg in [c if site is None else c.replace(split=f"site:{site}")
                     for c in base for site in sites]:
+            point = {"recipe": name, "backbone": cfg.backbone, "split": cfg.split,
+                     "target_eps": cfg.target_epsilon if cfg.dp else None, "seed": cfg.seed,
+                     "delta": cfg.delta if cfg.dp else None}
             if space is None:
                 res = run(cfg, runs_root=args.runs)
-                rows.append({"recipe": name, "split": cfg.split,
-                             "target_eps": cfg.target_epsilon if cfg.dp else None,
-                             "seed": cfg.seed, "run": res.run_id, "eps": res.epsilon,
-                             "delta": cfg.delta if cfg.dp else None,
+                rows.append({**point, "run": res.run_id, "eps": res.epsilon,
                              "noise_multiplier": res.noise_multiplier,
                              "test_bacc": res.final_metrics["balanced_accuracy"],
                              "wall_s": res.meta.get("wall_time_s")})
             else:  # the released winner of a private search based at this point
                 found = private_search(cfg, space, args.runs, verbose=False)
                 w = winner_runs([found]).iloc[0]
-                rows.append({"recipe": name, "split": cfg.split, "target_eps": cfg.target_epsilon,
-                             "seed": cfg.seed, "run": found.winner_dir.name,
-                             "eps": found.epsilon_run, "eps_search": found.epsilon_search,
-                             "delta": found.delta, "noise_multiplier": w["noise_multiplier"],
+                rows.append({**point, "run": found.winner_dir.name, "eps": found.epsilon_run,
+                             "eps_search": found.epsilon_search, "delta": found.delta,
+                             "noise_multiplier": w["noise_multiplier"],
                              "val_bacc": found.val_score, "test_bacc": w["balanced_accuracy"],
                              **{f"search_{k}": v for k, v in found.hyperparameters.items()}})
             print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
-    summary = (df.groupby(["recipe", "split", "target_eps"], dropna=False)["test_bacc"]
+    summary = (df.groupby(["recipe", "backbone", "split", "target_eps"], dropna=False)["test_bacc"]
                .agg(["mean", "std", "count"]).rename(columns={"count": "n"}))
     print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
 

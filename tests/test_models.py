@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpskin_core.errors import ConfigError, UnknownNameError
 from dpskin_core.training.backbones import (
-    BACKBONES, SmallCNN, build_backbone, count_parameters, gn_groups, has_batchnorm,
-    load_pretrained,
+    BACKBONES, INPUT_STATS_DIM, SmallCNN, build_backbone, count_parameters, gn_groups,
+    has_batchnorm, input_colour_stats, load_pretrained,
 )
 
 from dpskin_core.training.frontends import FRONT_ENDS
@@ -96,6 +96,42 @@ def test_smallcnn_options():
         assert wide.eval()(torch.randn(1, 3, 16, 16)).shape == (1, 3)
     with pytest.raises(ConfigError, match="activation"):
         build_backbone("smallcnn", activation="sigmoidish")
+
+
+def test_input_colour_stats():
+    """Mean, std and centre mean per channel; the centre is the middle half of each side;
+    invariant to the flips and 90-degree rotations the augmentation draws."""
+    x = torch.zeros(2, 3, 8, 8)
+    x[0, 0] = 1.0                      # image 0: channel 0 is 1 everywhere
+    x[1, 2, 2:6, 2:6] = 4.0            # image 1: a 4x4 centre of 4 in channel 2
+    s = input_colour_stats(x)
+    assert s.shape == (2, INPUT_STATS_DIM)
+    mean, std, centre = s[:, :3], s[:, 3:6], s[:, 6:]
+    assert torch.allclose(mean, torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]))   # 16 * 4 / 64
+    assert torch.allclose(centre, torch.tensor([[1.0, 0, 0], [0, 0, 4.0]]))
+    assert torch.allclose(std[0], torch.zeros(3)) and std[1, 2] > 0
+    y = torch.randn(4, 3, 12, 12)
+    for t in (y.flip(-1), y.flip(-2), y.rot90(1, (-2, -1))):
+        assert torch.allclose(input_colour_stats(t), input_colour_stats(y), atol=1e-5)
+    with pytest.raises(ConfigError, match="input_colour_stats takes"):
+        input_colour_stats(torch.zeros(2, 1, 8, 8))
+
+
+def test_smallcnn_stats_head_reads_the_input_colour():
+    """smallcnn_stats is smallcnn_fast with the statistics joined before the head, which
+    reads them: its logits move by exactly the head's weights times the statistics' change."""
+    torch.manual_seed(0)
+    plain, stats = build_backbone("smallcnn_fast"), build_backbone("smallcnn_stats")
+    assert count_parameters(stats) - count_parameters(plain) == INPUT_STATS_DIM * 7
+    assert stats.classifier.in_features == plain.classifier.in_features + INPUT_STATS_DIM
+    stats.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        w = stats.classifier.weight[:, -INPUT_STATS_DIM:].clone()
+        base = stats(x)
+        stats.classifier.weight[:, -INPUT_STATS_DIM:] = 0.0
+        without = stats(x)
+        assert torch.allclose(base - without, input_colour_stats(x) @ w.T, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v3_small",

@@ -120,6 +120,9 @@ def test_bad_keys_images_and_layers_are_refused(key):
         build_mple(build_backbone("smallcnn_fast", num_classes=7), key, 0)[0](torch.zeros(2, 301))
     with pytest.raises(ConfigError, match="only networks whose input meets features.0"):
         split_first_conv(build_backbone("resnet18", num_classes=7))
+    # a head that reads the input image would read MpLe's conv output instead: refused
+    with pytest.raises(ConfigError, match="reads the colour statistics of its input image"):
+        split_first_conv(build_backbone("smallcnn_stats", num_classes=7))
 
 
 def test_vgg16s_first_layer_is_split_off():

@@ -239,6 +239,26 @@ def test_technique_end_to_end(tmp_path, extra):
                                atol=1e-5)
 
 
+def test_a_colour_corrected_pixel_model_is_attacked_on_corrected_inputs(tmp_path):
+    """A pixel network trained on colour-corrected images: the reloaded model corrects the
+    images it encodes (its recorded predictions are reproduced), and the inversion attacks'
+    differentiable ``normalise``, which cannot model the correction, refuses it by name."""
+    from dpskin_core.attacks import load_trained
+
+    cfg = RunConfig(**dict(BASE, epochs=1), backbone="smallcnn_fast",
+                    colour_constancy="grey-world", cache_dir=str(tmp_path / "cache"))
+    res = run(cfg, tmp_path / "runs", data=random_bundle())
+    victim = load_trained(res.run_dir)
+    probs = pd.read_csv(res.run_dir / "predictions.csv").filter(like="prob_").to_numpy()
+    np.testing.assert_allclose(probs, victim.predict_proba(random_bundle().x_test), atol=1e-5)
+    with pytest.raises(ConfigError, match="colour_constancy='grey-world'"):
+        victim.normalise(torch.rand(2, 3, 16, 16))
+    # the same network trained on uncorrected images takes differentiable inputs
+    plain = load_trained(run(cfg.replace(colour_constancy="none"), tmp_path / "runs",
+                             data=random_bundle()).run_dir)
+    assert plain.normalise(torch.rand(2, 3, 16, 16)).shape == (2, 3, 16, 16)
+
+
 def test_a_given_prior_replaces_the_release_but_not_its_accounting():
     """build_criterion(prior_counts=...): the loss shifts by the given prior (a federation's
     summed histograms), the run's own noisy histogram is still recorded and counted."""

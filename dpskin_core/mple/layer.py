@@ -113,6 +113,10 @@ def first_conv_path(model: nn.Module) -> str:
 
 def split_first_conv(model: nn.Module) -> Tuple[nn.Conv2d, nn.Module]:
     """(the first conv, a copy of ``model`` with it replaced by the identity: the rest)."""
+    if getattr(model, "input_stats", False):
+        raise ConfigError(f"mple: this {type(model).__name__}'s head reads the colour statistics "
+                          "of its input image (smallcnn_stats), which MpLe's morphed input hides; "
+                          "use smallcnn_fast")
     path = first_conv_path(model)
     if path not in ("features.0",):
         raise ConfigError(f"mple: the first conv of {type(model).__name__} is {path!r}; only "
