@@ -25,9 +25,9 @@ from ..training.records import code_version, config_hash, is_complete, load_runs
 
 PathLike = Union[str, Path]
 
-def _rows(configs: Sequence[RunConfig], ids: Sequence[str], runs_root: PathLike) -> pd.DataFrame:
-    """One row per config (as ``load_runs``), labelled with the recipe that asked for it."""
-    runs = load_runs(runs_root)
+def _rows(configs: Sequence[RunConfig], ids: Sequence[str], runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per config, from ``runs`` (a :func:`load_runs` table holding ``ids``), labelled
+    with the recipe that asked for it."""
     if runs.empty or not ids:  # still with the config's columns, so callers can filter on them
         return pd.DataFrame(columns=list(dict.fromkeys(["run", *RunConfig.__dataclass_fields__,
                                                         "recipe", "label"])))
@@ -89,7 +89,7 @@ def sweep(configs: Iterable[RunConfig], runs_root: PathLike, *, nproc: int = 1,
                   f"run {res.run_id})", flush=True)
     if verbose:
         print(f"{len(configs)} runs in {time.perf_counter() - t0:.0f} s", flush=True)
-    return _rows(configs, ids, runs_root)
+    return _rows(configs, ids, load_runs(runs_root))
 
 
 def recipe_runs(names: Sequence[str], p: Params, runs_root: PathLike, *,
@@ -97,12 +97,13 @@ def recipe_runs(names: Sequence[str], p: Params, runs_root: PathLike, *,
     """The complete runs of the current code of recipes ``names`` over the grid of ``p`` (as
     :func:`sweep` returns them), found by their run ids; nothing is trained. Grid points not
     run yet are missing from the table."""
-    done = set(load_runs(runs_root).get("run", ())) if Path(runs_root).is_dir() else set()
+    runs = load_runs(runs_root) if Path(runs_root).is_dir() else pd.DataFrame()
+    done = set(runs.get("run", ()))  # read once: every run's record is opened
     version = code_version()
     configs = [c for n in names for c in RECIPES.get(n).configs(p, epsilons=epsilons)]
     ids = [config_hash(c, version) for c in configs]
     keep = [(c, i) for c, i in zip(configs, ids) if i in done]
-    return _rows([c for c, _ in keep], [i for _, i in keep], runs_root)
+    return _rows([c for c, _ in keep], [i for _, i in keep], runs)
 
 
 def current_runs(runs_root: PathLike) -> pd.DataFrame:
