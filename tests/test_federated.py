@@ -500,3 +500,62 @@ def test_the_server_inverts_an_update_unless_record_level_dp_noised_it(synth):
     assert by.loc["no DP", "cosine"] > 0.5 and by.loc["client-level DP-FedAvg", "cosine"] > 0.5
     assert by.loc["record-level DP-SGD", "cosine"] < 0.2
     assert inv["reconstruction"].iloc[0].shape == (16, 16, 3)
+
+
+def test_federated_version_ignores_the_analysis_modules_only(tmp_path):
+    """Editing the chapter's analysis (references, attacks) keeps every federation's id;
+    editing a module that makes a federation changes it."""
+    import shutil
+    from pathlib import Path
+
+    from dpskin_core.federated import federation as fed
+
+    for p in Path(fed.__file__).parent.glob("*.py"):
+        shutil.copy(p, tmp_path / p.name)
+    v0 = fed.federated_version(tmp_path)
+    assert v0 == fed.federated_version()
+    assert fed.ANALYSIS_MODULES == ("study.py",)
+    with open(tmp_path / "study.py", "a") as f:
+        f.write("\n# an analysis edit\n")
+    assert fed.federated_version(tmp_path) == v0
+    with open(tmp_path / "client.py", "a") as f:
+        f.write("\n# a client edit\n")
+    assert fed.federated_version(tmp_path) != v0
+
+
+def test_pooled_converged_scores_the_released_reference_at_every_site(tmp_path):
+    """The converged central reference is the profile's nonprivate-adam run (cached: the same
+    run chapter 01 trains) and scores its released (best validation) weights at each client."""
+    from dpskin_core import run
+    from dpskin_core.book.registry import profile_params
+    from dpskin_core.federated.federation import load_clients
+    from dpskin_core.federated.recipes import FL_RECIPES, FLPlan
+    from dpskin_core.federated.study import pooled_converged
+    from dpskin_core.training.checkpoint import released_weights
+    from dpskin_core.training.recipes import RECIPES
+
+    P = profile_params("smoke", {"synth_n": 400, "image_size": 16, "epochs": 3, "num_threads": 1})
+    clients = load_clients(FL_RECIPES.get("fedavg").config(P, FLPlan(rounds=1)))
+    rows = pooled_converged(P, clients, [0, 1], tmp_path)
+    assert len(rows) == 2 * len(clients)
+    assert set(rows["training"]) == {"pooled, converged"} and set(rows["budget"]) == {"∞"}
+    cfg = RECIPES.get("nonprivate-adam").config(P, seed=1)
+    assert cfg.backbone == P.backbones[0] and cfg.early_stopping_patience is not None
+    res = run(cfg, tmp_path)
+    assert res.reused
+    # the best validation epoch's file, not the last: mark it (every weight of the head zeroed,
+    # bias set to predict class 0 everywhere) and read the reference again from the cached run
+    best = res.run_dir / "checkpoints" / "best.pt"
+    state = torch.load(best, map_location="cpu", weights_only=False)
+    head = [k for k in state["model"] if state["model"][k].ndim == 2][-1]
+    state["model"][head].zero_()
+    bias = head.replace("weight", "bias")
+    state["model"][bias].copy_(torch.tensor([1.0] + [0.0] * (state["model"][bias].numel() - 1)))
+    torch.save(state, best)
+    again = pooled_converged(P, clients, [1], tmp_path)
+    w = released_weights(res.run_dir / "checkpoints", True)[0]
+    for c in clients:
+        got = again[again["client"] == c.name].iloc[0]
+        present = set(np.unique(c.data.y_test).tolist())  # balanced accuracy's classes at the site
+        assert got["balanced_accuracy"] == pytest.approx(1 / len(present) if 0 in present else 0.0)
+        assert got["balanced_accuracy"] == pytest.approx(fl_client.evaluate(c, cfg, w)["balanced_accuracy"])

@@ -160,10 +160,19 @@ class FLConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def federated_version() -> str:
-    """Hash of this subpackage's sources (12 hex digits)."""
+#: modules of this subpackage that only read finished federations (the chapter's references,
+#: which are ``run`` records keyed by the training code, and its attacks on the global models):
+#: editing them re-runs no federation
+ANALYSIS_MODULES = ("study.py",)
+
+
+def federated_version(folder: Optional[PathLike] = None) -> str:
+    """Hash of the sources that make a federation (12 hex digits): every module of this
+    subpackage (``folder``: another copy of it) but :data:`ANALYSIS_MODULES`."""
     h = hashlib.sha256()
-    for p in sorted(Path(__file__).resolve().parent.glob("*.py")):
+    for p in sorted(Path(folder or Path(__file__).resolve().parent).glob("*.py")):
+        if p.name in ANALYSIS_MODULES:
+            continue
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:12]

@@ -6,9 +6,15 @@ judged against, scored at every client like the federation.
   model evaluated on each client's test part (the FL literature's upper reference; FLamby's
   "pooled");
 - **local only**: each client trains the recipe alone on its own images and is scored on its
-  own test part (what a hospital reaches without federating).
+  own test part (what a hospital reaches without federating);
+- **pooled, converged**: the profile's converged non-private reference of the same network
+  (recipe ``nonprivate-adam``: its whole schedule, the best validation epoch released), whose
+  training images are the pooled ones (each client holds its part of the data bundle's split),
+  scored at every client: what the federation's network reaches centrally without the
+  federation's epoch budget.
 
-Both are ``run`` records (cached), under ``<runs_root>/federated/references/``.
+The first two are ``run`` records (cached) under ``<runs_root>/federated/references/``; the
+third is chapter 01's own run, in ``<runs_root>``.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from ..training import run
 from ..training.checkpoint import released_weights
 from ..training.records import default_runs_root
 from ..training.quiet import benign_warnings_silenced
+from ..training.recipes import RECIPES, Params
 from .client import evaluate, for_client
 from .federation import FLConfig, run_federation
 from .partitions import Client
@@ -34,7 +41,9 @@ def _root(runs_root: Optional[PathLike]) -> Path:
 
 
 def _weights(result):
-    return released_weights(result.run_dir / "checkpoints", False)[0]
+    """The weights the run releases (its best validation epoch when it stops early)."""
+    return released_weights(result.run_dir / "checkpoints",
+                            result.config.early_stopping_patience is not None)[0]
 
 
 def pooled(cfg: FLConfig, clients: List[Client], runs_root: Optional[PathLike] = None, *,
@@ -57,6 +66,22 @@ def local_only(cfg: FLConfig, clients: List[Client], runs_root: Optional[PathLik
             res = run(local_c, _root(runs_root) / "local" / c.name, data=c.data)
         rows.append({"client": c.name, "training": "local only", "epsilon": res.epsilon,
                      **evaluate(c, local_c, _weights(res))})
+    return pd.DataFrame(rows)
+
+
+def pooled_converged(p: Params, clients: List[Client], seeds: Sequence[int],
+                     runs_root: Optional[PathLike] = None) -> pd.DataFrame:
+    """One row per client and seed: the profile's converged non-private reference
+    (``nonprivate-adam`` on the profile's first network, the network of the federations) on the
+    client's test part. ``runs_root`` is the profile's (the run chapter 01 trains)."""
+    rows = []
+    for seed in seeds:
+        cfg = RECIPES.get("nonprivate-adam").config(p, backbone=p.backbones[0], seed=seed)
+        with benign_warnings_silenced():
+            res = run(cfg, runs_root)
+        w = _weights(res)
+        rows += [{"client": c.name, "training": "pooled, converged", "epsilon": None, "seed": seed,
+                  "budget": "∞", **evaluate(c, cfg, w)} for c in clients]
     return pd.DataFrame(rows)
 
 
@@ -186,4 +211,5 @@ def references(cfg_of_seed, clients: List[Client], seeds: Sequence[int],
     return pd.concat(frames, ignore_index=True)
 
 
-__all__ = ["global_membership", "local_only", "pooled", "references", "sweep", "update_inversion"]
+__all__ = ["global_membership", "local_only", "pooled", "pooled_converged", "references", "sweep",
+           "update_inversion"]
