@@ -76,8 +76,8 @@ def main() -> None:
                 g = res.meta.get("privacy") or {}
                 frames.append(last.assign(federation=name, label=r.label, level=r.level, seed=seed,
                                           target_epsilon=e, global_epsilon=g.get("global_epsilon"),
-                                          delta=g.get("delta"), folder=res.folder.name,
-                                          wall_s=round(time.time() - t, 1)))
+                                          delta=g.get("delta"), folder=res.folder.name))
+                # seconds of this call: the training time, or ~0 when the record is read back
                 print(f"{r.label} seed {seed} eps {e}: mean over sites "
                       f"{last['balanced_accuracy'].mean():.3f} ({time.time() - t:.0f} s)", flush=True)
     if args.references:
