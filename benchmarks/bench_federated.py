@@ -29,7 +29,7 @@ def main() -> None:
     from dpskin_core.book.registry import load_registry
     from dpskin_core.federated.federation import load_clients, run_federation
     from dpskin_core.federated.recipes import FL_RECIPES, FLPlan
-    from dpskin_core.federated.study import pooled_converged, references
+    from dpskin_core.federated.study import references
     from dpskin_core.training.recipes import Params
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,8 +83,8 @@ def main() -> None:
     if args.references:
         base = FL_RECIPES.get("fedavg")
         clients = load_clients(base.config(P, plan))
-        refs = pd.concat([references(lambda s: base.config(P, plan, seed=s), clients, seeds, runs),
-                          pooled_converged(P, clients, seeds, runs)], ignore_index=True)
+        refs = references(lambda s: base.config(P, plan, seed=s), clients, seeds, runs,
+                          converged=P)
         frames.append(refs.assign(federation=refs["training"], label=refs["training"], level="none",
                                   target_epsilon=None))
     rows = pd.concat(frames, ignore_index=True)

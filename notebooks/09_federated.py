@@ -77,7 +77,7 @@ from dpskin_core.book.tables import captioned, fmt_mean_std, glue
 from dpskin_core.federated.client import noise_multiplier
 from dpskin_core.federated.federation import federation_dir, load_clients, run_federation
 from dpskin_core.federated.recipes import FL_RECIPES, FLPlan
-from dpskin_core.federated.study import pooled_converged, references, sweep, update_inversion
+from dpskin_core.federated.study import references, sweep, update_inversion
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)
@@ -100,9 +100,8 @@ print(f"{base.run.backbone} at {P.image_size} px, {len(clients)} clients "
 
 # %%
 fl, membership = sweep(P, plan, seeds, epsilons, P.runs_root, with_membership=clients)
-refs = pd.concat([references(lambda seed: FL_RECIPES.get("fedavg").config(P, plan, seed=seed), clients,
-                             seeds, P.runs_root),
-                  pooled_converged(P, clients, seeds, P.runs_root)], ignore_index=True)
+refs = references(lambda seed: FL_RECIPES.get("fedavg").config(P, plan, seed=seed), clients,
+                  seeds, P.runs_root, converged=P)
 
 # %% [markdown]
 # ## Balanced accuracy at every site

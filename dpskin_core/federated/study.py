@@ -200,14 +200,19 @@ def sweep(p, plan: FLPlan, seeds: Sequence[int], epsilons: Sequence[float],
 
 
 def references(cfg_of_seed, clients: List[Client], seeds: Sequence[int],
-               runs_root: Optional[PathLike] = None) -> pd.DataFrame:
-    """Pooled and local-only rows of every seed (``cfg_of_seed(seed)``: the federation whose
-    local recipe they train)."""
+               runs_root: Optional[PathLike] = None, *,
+               converged: Optional[Params] = None) -> pd.DataFrame:
+    """What the federations are judged against, for every seed: pooled and local-only rows
+    (``cfg_of_seed(seed)``: the federation whose local recipe they train) and, given the
+    profile's parameters ``converged``, the converged central reference
+    (:func:`pooled_converged`, read from or trained into ``runs_root``)."""
     frames = []
     for seed in seeds:
         cfg = cfg_of_seed(seed)
         frames += [pooled(cfg, clients, runs_root).assign(seed=seed, budget="∞"),
                    local_only(cfg, clients, runs_root).assign(seed=seed, budget="∞")]
+    if converged is not None:
+        frames.append(pooled_converged(converged, clients, seeds, runs_root))
     return pd.concat(frames, ignore_index=True)
 
 
