@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from dpskin_core.book import figures
+from dpskin_core.book import figures, imbalance
 from dpskin_core.book.registry import profile_params
 from dpskin_core.book.sweeps import sweep
 from dpskin_core.book.tables import captioned, glue
@@ -154,6 +154,55 @@ glue("best_drop", float(drop_lo.min()), display=False)
 # gradients of rare classes are clipped and drowned in the same noise as those of the frequent
 # ones, so models drift towards the majority classes: a known disparate effect of DP-SGD
 # {cite:p}`bagdasaryan2019disparate`.
+
+# %% [markdown]
+# ## Class imbalance: why not class weights
+#
+# The non-private references weight each example's loss by the inverse frequency of its
+# class. Under DP that remedy is neutralised by clipping: a weight $w$ multiplies an example's
+# gradient, and clipping then rescales every gradient longer than $C$ to exactly $C$, so the
+# weight survives only where $w\,\lVert g\rVert < C$. The table measures it on
+# {glue:text}`imb_n` validation images (a random subset), for the {glue:text}`backbone`
+# network at its initialisation and as released by the run at $\varepsilon$ =
+# {glue:text}`imb_eps:g` (seed {glue:text}`imb_seed`), with the inverse-frequency weights of the
+# class counts HAM10000 published (public, so the weights themselves cost nothing). *effective
+# weight*: the class's summed clipped gradient norm with the weights over the same sum without
+# them (without clipping it would equal the nominal weight; 1: the weight is undone). The DP
+# baselines instead shift their logits by a class prior released as a noisy histogram, counted
+# in ε (the Methods chapter).
+
+# %% tags=["hide-output"]
+imb_cfg = DP_RECIPE.config(P, backbone=b0, target_epsilon=max(epsilons), seed=P.seeds[0])
+imb = imbalance.run_clipping_table(imb_cfg, P.runs_root, n=1024, seed=0)
+
+# %%
+captioned(imb.set_index(["model", "class"]),
+          f"tbl-{optimizer}-class-weights",
+          f"Inverse-frequency class weights under per-example clipping (C = {imb_cfg.max_grad_norm:g}), "
+          f"{DP_NAME} at ε = {max(epsilons):g}: nominal and effective weight, and the share of "
+          "examples whose gradient is clipped.")
+
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Nominal and effective class weight under per-example clipping (log scale)."}}
+imbalance.effective_weights_figure(imb)
+plt.show()
+
+# %% tags=["remove-cell"]
+rel = imb[imb["model"] == "released"].set_index("class")
+rare = rel["nominal weight"].idxmax()
+glue("imb_n", int(rel["examples"].sum()), display=False)
+glue("imb_eps", max(epsilons), display=False)
+glue("imb_seed", P.seeds[0], display=False)
+glue("imb_rare", str(rare), display=False)
+glue("imb_rare_nominal", float(rel.loc[rare, "nominal weight"]), display=False)
+glue("imb_rare_effective", float(rel.loc[rare, "effective weight"]), display=False)
+glue("imb_clipped", float((rel["clipped (unweighted)"] * rel["examples"]).sum() / rel["examples"].sum()),
+     display=False)
+
+# %% [markdown]
+# For the released model, {glue:text}`imb_clipped:.0%` of the examples' gradients are longer than
+# $C$ before any weighting; the rarest class, {glue:text}`imb_rare`, nominally weighted
+# {glue:text}`imb_rare_nominal:.1f`, contributes {glue:text}`imb_rare_effective:.2f` times its
+# unweighted share.
 
 # %% [markdown]
 # ## The privacy unit: one image or one lesion
