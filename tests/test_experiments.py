@@ -26,6 +26,9 @@ def test_registry_loads_with_the_four_profiles():
     for required in ("00_data", "01_baseline", "02_dp_sgd", "03_dp_adam", "06_networks",
                      "07_tuning", "10_summary"):
         assert required in names
+    # a chapter that reads another's runs (without training them) executes after it
+    assert names.index("07_tuning") > max(names.index(n) for n in ("02_dp_sgd", "03_dp_adam",
+                                                                   "04_proposed"))
     for e in reg.experiments:
         assert (ROOT / e.notebook).is_file(), e.notebook
         for profile in reg.profiles:  # every experiment resolves under every profile
