@@ -24,8 +24,6 @@ from torch import nn
 from ..constants import CLASSES, HAM10000_COUNTS
 from ..errors import ConfigError
 
-StateDict = Mapping[str, torch.Tensor]
-
 
 def published_balanced_weights() -> np.ndarray:
     """Inverse-frequency ("balanced") class weights ``N / (K n_c)`` from the published HAM10000
@@ -107,13 +105,13 @@ def run_clipping_table(cfg, runs_root, n: int = 1024, seed: int = 0) -> pd.DataF
     """:func:`clipping_table` for one DP run (read back, or trained into ``runs_root``): its
     released model and a fresh initialisation of its network, at its clipping bound, on up to
     ``n`` validation images (a random subset drawn with the public ``seed``)."""
+    from ..data.datasets import load_data
     from ..training import run
     from ..training.backbones import build_backbone
     from ..training.checkpoint import released_weights
     from ..training.frontends import Inputs
     from ..training.quiet import benign_warnings_silenced
     from ..training.trainer import data_spec, init_seed, pick_device
-    from ..data.datasets import load_data
 
     if not cfg.dp:
         raise ConfigError(f"run_clipping_table: run {cfg.name!r} is not private (no clipping)")
@@ -145,5 +143,5 @@ def effective_weights_figure(table: pd.DataFrame):
     return g
 
 
-__all__ = ["clipping_table", "effective_weights_figure", "run_clipping_table", "effective_class_weights", "per_example_grad_norms",
-           "published_balanced_weights"]
+__all__ = ["clipping_table", "effective_class_weights", "effective_weights_figure",
+           "per_example_grad_norms", "published_balanced_weights", "run_clipping_table"]
