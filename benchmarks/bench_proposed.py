@@ -14,6 +14,15 @@ n, per recipe, network and eps.
 ``--sites``: leave one HAM10000 acquisition site out as the test split (``split=site:<site>``;
 ``all``: the profile's ``loso_sites``), a proxy for images from another clinic.
 
+``--set KEY=VALUE`` (repeatable) overrides one parameter of the profile (a field of
+:class:`~dpskin_core.training.recipes.Params`; the value is read as YAML, so ``epochs=40``
+is an int), e.g. a longer schedule measured beside the profile's own; ``--eval-split val``
+reports the validation split instead of the test split (where the choice of a recipe is made:
+tune there, never on test).
+
+    python benchmarks/bench_proposed.py --recipes nonprivate-adam --backbones resnet18 \
+        --set epochs=40 --seeds 0 --eval-split val --runs runs/cpu
+
 ``--search``: each (recipe, eps, seed) is the base of a private hyperparameter search over the
 profile's ``technique_search`` space (chapter ``07_tuning`` of ``experiments.yml``;
 :func:`dpskin_core.book.search.private_search`); the row is its released winner, with the eps
@@ -27,6 +36,21 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
+
+
+def parse_sets(items: list) -> dict:
+    """``["epochs=40", "lr_adam=0.002"]`` -> ``{"epochs": 40, "lr_adam": 0.002}`` (values read
+    as YAML); a malformed item raises naming it. Unknown keys are left to ``profile_params``,
+    which rejects them naming the key."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def main() -> None:
@@ -50,14 +74,21 @@ def main() -> None:
     p.add_argument("--search", action="store_true",
                    help="privately search each point over the profile's technique_search space")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one profile parameter (value read as YAML); repeatable")
+    p.add_argument("--eval-split", choices=("test", "val"), default="test",
+                   help="split whose balanced accuracy is reported (val: for tuning)")
     p.add_argument("--out", default="benchmarks/results/proposed.csv")
     args = p.parse_args()
-    P = profile_params(args.profile, {"num_threads": args.threads})
+    P = profile_params(args.profile, {"num_threads": args.threads, **parse_sets(args.set)})
     eps = [float(e) for e in args.eps.split(",")] if args.eps else None
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     sites = (list(P.loso_sites) if args.sites == "all" else args.sites.split(",")) if args.sites \
         else [None]
     space = None
+    if args.search and args.eval_split != "test":
+        raise SystemExit("--search already reports its winner's validation score (val_bacc); "
+                         "use it without --eval-split")
     if args.search:
         from dpskin_core.book.registry import load_registry
         from dpskin_core.book.search import SearchSpace, private_search, winner_runs
@@ -74,11 +105,13 @@ def main() -> None:
             point = {"recipe": name, "backbone": cfg.backbone, "split": cfg.split,
                      "target_eps": cfg.target_epsilon if cfg.dp else None, "seed": cfg.seed,
                      "delta": cfg.delta if cfg.dp else None}
+            if args.eval_split != "test":
+                cfg = cfg.replace(eval_split=args.eval_split)
             if space is None:
                 res = run(cfg, runs_root=args.runs)
                 rows.append({**point, "run": res.run_id, "eps": res.epsilon,
                              "noise_multiplier": res.noise_multiplier,
-                             "test_bacc": res.final_metrics["balanced_accuracy"],
+                             f"{args.eval_split}_bacc": res.final_metrics["balanced_accuracy"],
                              "wall_s": res.meta.get("wall_time_s")})
             else:  # the released winner of a private search based at this point
                 found = private_search(cfg, space, args.runs, verbose=False)
@@ -92,7 +125,8 @@ def main() -> None:
     df = pd.DataFrame(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
-    summary = (df.groupby(["recipe", "backbone", "split", "target_eps"], dropna=False)["test_bacc"]
+    summary = (df.groupby(["recipe", "backbone", "split", "target_eps"], dropna=False)
+               [f"{args.eval_split}_bacc"]
                .agg(["mean", "std", "count"]).rename(columns={"count": "n"}))
     print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
 

@@ -1,0 +1,38 @@
+"""The benchmark's ``--set KEY=VALUE`` overrides: typed values, malformed items named, unknown
+keys rejected by the profile (benchmarks/bench_proposed.py)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from dpskin_core.book.registry import profile_params
+from dpskin_core.errors import ConfigError
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_proposed.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_proposed", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_values_are_read_as_yaml():
+    sets = _bench().parse_sets(["epochs=40", "lr_adam=0.002", "lr_schedule=constant",
+                                "loso_sites=[a, b]"])
+    assert sets == {"epochs": 40, "lr_adam": 0.002, "lr_schedule": "constant",
+                    "loso_sites": ["a", "b"]}
+    sets.pop("loso_sites")
+    assert profile_params("smoke", sets).epochs == 40
+
+
+@pytest.mark.parametrize("item", ["epochs", "=3", " =3"])
+def test_malformed_item_is_named(item):
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        _bench().parse_sets([item])
+
+
+def test_unknown_key_is_rejected_by_the_profile():
+    with pytest.raises(ConfigError, match="epochz"):
+        profile_params("smoke", _bench().parse_sets(["epochz=3"]))
