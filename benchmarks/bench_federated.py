@@ -50,8 +50,10 @@ def main() -> None:
     m = reg.parameters_for("09_federated", args.profile)
     if args.threads is not None:
         m["num_threads"] = args.threads
-    P = Params.from_mapping({k: v for k, v in m.items() if k in Params.field_names()},
-                            f"profile {args.profile!r}")
+    # the chapter's `overrides` (experiments.yml) change profile parameters, as in the notebook
+    base = {k: v for k, v in m.items() if k in Params.field_names()}
+    P = Params.from_mapping({**base, **dict(m.get("overrides") or {})},
+                            f"profile {args.profile!r} (chapter 09_federated)")
     # FLPlan's defaults are the chapter's (its parameters cell); the registry overrides them
     fields = {"rounds": "fl_rounds", "local_epochs": "fl_local_epochs", "server_lr": "fl_server_lr",
               "groups_per_site": "fl_groups_per_site", "client_sample_rate": "fl_client_sample_rate",
