@@ -21,7 +21,7 @@ reports the validation split instead of the test split (where the choice of a re
 tune there, never on test).
 
     python benchmarks/bench_proposed.py --recipes nonprivate-adam --backbones resnet18 \
-        --set epochs=40 --seeds 0 --eval-split val --runs runs/cpu
+        --set epochs=40 --seeds 0 --eval-split val --runs runs/val
 
 ``--search``: each (recipe, eps, seed) is the base of a private hyperparameter search over the
 profile's ``technique_search`` space (chapter ``07_tuning`` of ``experiments.yml``;
