@@ -26,11 +26,10 @@ import pandas as pd
 
 
 def main() -> None:
-    from dpskin_core.book.registry import load_registry
+    from dpskin_core.book.registry import load_registry, profile_params
     from dpskin_core.federated.federation import load_clients, run_federation
     from dpskin_core.federated.recipes import FL_RECIPES, FLPlan
     from dpskin_core.federated.study import references
-    from dpskin_core.training.recipes import Params
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="cpu", help="profile of experiments.yml")
@@ -46,14 +45,12 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/federated.csv")
     args = p.parse_args()
 
-    reg = load_registry()
-    m = reg.parameters_for("09_federated", args.profile)
+    m = load_registry().parameters_for("09_federated", args.profile)
+    # the profile with the chapter's `overrides`, as the notebook builds it
+    over = dict(m.get("overrides") or {})
     if args.threads is not None:
-        m["num_threads"] = args.threads
-    # the chapter's `overrides` (experiments.yml) change profile parameters, as in the notebook
-    base = {k: v for k, v in m.items() if k in Params.field_names()}
-    P = Params.from_mapping({**base, **dict(m.get("overrides") or {})},
-                            f"profile {args.profile!r} (chapter 09_federated)")
+        over["num_threads"] = args.threads
+    P = profile_params(args.profile, over)
     # FLPlan's defaults are the chapter's (its parameters cell); the registry overrides them
     fields = {"rounds": "fl_rounds", "local_epochs": "fl_local_epochs", "server_lr": "fl_server_lr",
               "groups_per_site": "fl_groups_per_site", "client_sample_rate": "fl_client_sample_rate",
