@@ -53,6 +53,16 @@ def parse_sets(items: list) -> dict:
     return out
 
 
+def write_table(df: pd.DataFrame, out: Path, append: bool) -> pd.DataFrame:
+    """Write ``df`` to the CSV ``out`` (after the rows already there when ``append``); returns
+    the table written."""
+    if append and out.is_file():
+        df = pd.concat([pd.read_csv(out), df], ignore_index=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    return df
+
+
 def main() -> None:
     from dpskin_core import run
     from dpskin_core.book.registry import profile_params
@@ -79,6 +89,9 @@ def main() -> None:
     p.add_argument("--eval-split", choices=("test", "val"), default="test",
                    help="split whose balanced accuracy is reported (val: for tuning)")
     p.add_argument("--out", default="benchmarks/results/proposed.csv")
+    p.add_argument("--append", action="store_true",
+                   help="add the rows to --out instead of replacing it (a sweep of --set values "
+                        "in one table; the summary then covers the whole table)")
     args = p.parse_args()
     P = profile_params(args.profile, {"num_threads": args.threads, **parse_sets(args.set)})
     eps = [float(e) for e in args.eps.split(",")] if args.eps else None
@@ -104,7 +117,8 @@ def main() -> None:
                     for c in base for site in sites]:
             point = {"recipe": name, "backbone": cfg.backbone, "split": cfg.split,
                      "target_eps": cfg.target_epsilon if cfg.dp else None, "seed": cfg.seed,
-                     "delta": cfg.delta if cfg.dp else None}
+                     "delta": cfg.delta if cfg.dp else None,
+                     "set": " ".join(args.set)}  # the profile's parameters overridden, if any
             if args.eval_split != "test":
                 cfg = cfg.replace(eval_split=args.eval_split)
             if space is None:
@@ -122,10 +136,9 @@ def main() -> None:
                              "val_bacc": found.val_score, "test_bacc": w["balanced_accuracy"],
                              **{f"search_{k}": v for k, v in found.hyperparameters.items()}})
             print(rows[-1], flush=True)
-    df = pd.DataFrame(rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out, index=False)
-    summary = (df.groupby(["recipe", "backbone", "split", "target_eps"], dropna=False)
+    df = write_table(pd.DataFrame(rows), Path(args.out), args.append)
+    summary = (df.fillna({"set": ""})
+               .groupby(["recipe", "backbone", "split", "set", "target_eps"], dropna=False)
                [f"{args.eval_split}_bacc"]
                .agg(["mean", "std", "count"]).rename(columns={"count": "n"}))
     print(summary.to_string(float_format=lambda v: f"{v:.3f}"))

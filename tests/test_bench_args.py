@@ -1,5 +1,5 @@
 """The benchmark's ``--set KEY=VALUE`` overrides: typed values, malformed items named, unknown
-keys rejected by the profile (benchmarks/bench_proposed.py)."""
+keys rejected by the profile; its ``--append`` table (benchmarks/bench_proposed.py)."""
 import importlib.util
 from pathlib import Path
 
@@ -36,3 +36,18 @@ def test_malformed_item_is_named(item):
 def test_unknown_key_is_rejected_by_the_profile():
     with pytest.raises(ConfigError, match="epochz"):
         profile_params("smoke", _bench().parse_sets(["epochz=3"]))
+
+
+def test_append_adds_rows_and_replace_does_not(tmp_path):
+    """``--append`` keeps the rows already in ``--out`` (a sweep of ``--set`` values in one
+    table); without it the table is replaced."""
+    import pandas as pd
+
+    out = tmp_path / "sub" / "t.csv"
+    first = pd.DataFrame([{"recipe": "dp-sgd", "set": "", "val_bacc": 0.3}])
+    second = pd.DataFrame([{"recipe": "dp-sgd", "set": "dp_epochs=20", "val_bacc": 0.4}])
+    _bench().write_table(first, out, append=True)          # nothing there yet: written
+    both = _bench().write_table(second, out, append=True)
+    assert list(both["val_bacc"]) == [0.3, 0.4] and pd.read_csv(out).shape[0] == 2
+    assert list(_bench().write_table(second, out, append=False)["val_bacc"]) == [0.4]
+    assert pd.read_csv(out).shape[0] == 1

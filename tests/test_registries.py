@@ -112,8 +112,8 @@ def test_reference_dp_and_loso_recipes_use_the_profile_levers():
     dp = RECIPES.get("dp-sgd").config(p, backbone="smallcnn_fast", target_epsilon=3.0, seed=0)
     assert (dp.logit_adjust, dp.la_tau, dp.ema_decay, dp.aug_mult, dp.epochs, dp.batch_size,
             dp.early_stopping_patience, dp.class_weights, dp.augment_color) == (
-        p.dp_logit_adjust, p.dp_la_tau, p.dp_ema, p.dp_aug_mult, p.dp_epochs, p.dp_batch_size,
-        None, "none", 0.0)
+        p.dp_logit_adjust, p.dp_la_tau, p.dp_ema, p.dp_aug_mult, p.dp_epochs_at(3.0),
+        p.dp_batch_size, None, "none", 0.0)
     loso = RECIPES.get("loso-adam").configs(p, backbones=["smallcnn_fast"], seeds=[0])
     assert [c.split for c in loso] == [f"site:{s}" for s in p.loso_sites]
     assert all(c.replace(split="lesion") == ref.replace(backbone="smallcnn_fast", seed=0,
@@ -201,3 +201,80 @@ def test_technique_sides_and_epochs_must_be_positive_integers(field, bad):
     p = load_registry().params("cpu")
     with pytest.raises(ConfigError, match=f"{field} must be a positive integer"):
         Params.from_mapping({**dataclasses.asdict(p), field: bad})
+
+
+def test_a_network_can_have_its_own_dp_learning_rate():
+    """``lr_dp_by_backbone`` gives one network its own DP-SGD / DP-Adam rate; the others, and
+    the optimiser left out, keep the profile's; every recipe built on the DP baselines follows
+    the network of its grid point."""
+    import dataclasses
+
+    p = dataclasses.replace(load_registry().params("cpu"),
+                            backbones=("smallcnn_stats", "mobilenet_v3_small"), dp_backbones=None,
+                            lr_dp_by_backbone={"mobilenet_v3_small": {"sgd": 0.1}})
+    assert p.lr_dp_sgd != 0.1
+    for name, opt in (("dp-sgd", "sgd"), ("dp-adam", "adam"), ("dp-sgd-lesion", "sgd"),
+                      ("dp-adam-lesion", "adam"), ("mple/dp-sgd", "sgd")):
+        lr = {c.backbone: c.lr for c in RECIPES.get(name).configs(p, epsilons=[8.0], seeds=[0])}
+        mobile = 0.1 if opt == "sgd" else p.lr_dp_adam
+        default = p.lr_dp_sgd if opt == "sgd" else p.lr_dp_adam
+        assert lr == {"smallcnn_stats": default, "mobilenet_v3_small": mobile}, name
+    assert p.dp_lr("mobilenet_v3_small", "adam") == p.lr_dp_adam
+    with pytest.raises(ConfigError, match="DP optimizer must be one of"):
+        p.dp_lr("mobilenet_v3_small", "rmsprop")
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"mobilenet_v4": {"sgd": 0.1}}, "unknown backbone 'mobilenet_v4'"),
+    ({"resnet18": {"momentum": 0.1}}, "unknown optimizer 'momentum'"),
+    ({"resnet18": {}}, "lr_dp_by_backbone.resnet18 must be a non-empty mapping"),
+    ({"resnet18": 0.1}, "lr_dp_by_backbone.resnet18 must be a non-empty mapping"),
+    ({"resnet18": {"sgd": 0.0}}, "resnet18.sgd must be a finite positive number"),
+    ({"resnet18": {"adam": float("nan")}}, "resnet18.adam must be a finite positive number"),
+    ({"resnet18": {"sgd": True}}, "resnet18.sgd must be a finite positive number"),
+    ([0.1], "must be a mapping"),
+])
+def test_per_network_dp_rates_are_checked(bad, match):
+    import dataclasses
+
+    from dpskin_core.training.recipes import Params
+
+    p = load_registry().params("cpu")
+    with pytest.raises(ConfigError, match=match):
+        Params.from_mapping({**dataclasses.asdict(p), "lr_dp_by_backbone": bad})
+
+
+def test_the_dp_schedule_can_depend_on_the_budget():
+    """``dp_epochs_by_epsilon`` sets the DP baselines' epochs at one budget; the other budgets,
+    and the recipes that fix their own epochs (the attacked models), keep theirs; the pixel
+    ablation of the technique follows the baselines."""
+    import dataclasses
+
+    p = dataclasses.replace(load_registry().params("cpu"), epsilons=(1.0, 3.0, 8.0),
+                            dp_epochs_by_epsilon={8.0: 33})
+    assert p.dp_epochs != 33
+    for name in ("dp-sgd", "dp-adam", "dp-sgd-lesion", "mple/dp-sgd", "ablation/no-front-end"):
+        r = RECIPES.get(name)
+        epochs = {c.target_epsilon: c.epochs for c in r.configs(p, seeds=[0])}
+        assert epochs == {1.0: p.dp_epochs, 3.0: p.dp_epochs, 8.0: 33}, name
+    assert RECIPES.get("dp-sgd").config(p, backbone=p.backbones[0], target_epsilon=8,
+                                        seed=0).epochs == 33   # an int budget is the same budget
+    assert {c.epochs for c in RECIPES.get("attack/dp-sgd").configs(p, seeds=[0])} == \
+        {p.attack_epochs}
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({8.0: 0}, "epochs must be a positive integer"),
+    ({8.0: 2.5}, "epochs must be a positive integer"),
+    ({-1.0: 20}, "budget -1.0 must be a finite positive number"),
+    ({float("inf"): 20}, "budget inf must be a finite positive number"),
+    ([20], "must be a mapping"),
+])
+def test_per_budget_dp_epochs_are_checked(bad, match):
+    import dataclasses
+
+    from dpskin_core.training.recipes import Params
+
+    p = load_registry().params("cpu")
+    with pytest.raises(ConfigError, match=match):
+        Params.from_mapping({**dataclasses.asdict(p), "dp_epochs_by_epsilon": bad})

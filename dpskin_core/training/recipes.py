@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import itertools
 import inspect
-from dataclasses import MISSING, dataclass, fields
+import math
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
 from ..registry import Registry
+from .backbones import BACKBONES
 from .config import RunConfig
+
+#: the optimisers of the end-to-end DP recipes, as keys of ``Params.lr_dp_by_backbone``
+DP_OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,15 @@ class Params:
     #: the side (px) of the images the second generation's front end describes (None:
     #: ``image_size``): its features cost the same at any size, and are richer above 32 px
     proposed_image_size: Optional[int] = None
+    #: a network's own learning rates for the end-to-end DP recipes, where the profile's
+    #: ``lr_dp_sgd`` / ``lr_dp_adam`` do not suit it (one rate does not fit every network: a
+    #: DP-SGD rate that trains the small CNN collapses MobileNetV3 to one class):
+    #: ``{backbone: {"sgd": lr, "adam": lr}}``, either optimiser may be left out
+    lr_dp_by_backbone: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    #: the end-to-end DP recipes' epochs at a privacy budget where they differ from
+    #: ``dp_epochs`` (``{eps: epochs}``): at a fixed budget more steps mean more noise per step,
+    #: so the best number of steps depends on eps (De et al. 2022 tune it per budget)
+    dp_epochs_by_epsilon: Mapping[float, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("backbones", "seeds", "epsilons", "lesion_epsilons", "loso_sites"):
@@ -106,6 +120,21 @@ class Params:
             if extra or not self.dp_backbones:
                 raise ConfigError(f"profile parameter dp_backbones must be a non-empty subset of "
                                   f"backbones {list(self.backbones)}; got {list(self.dp_backbones)}")
+        object.__setattr__(self, "lr_dp_by_backbone", _checked_rates(self.lr_dp_by_backbone))
+        object.__setattr__(self, "dp_epochs_by_epsilon", _checked_epochs(self.dp_epochs_by_epsilon))
+
+    def dp_epochs_at(self, epsilon: float) -> int:
+        """The end-to-end DP recipes' epochs at target ``epsilon``: its own in
+        ``dp_epochs_by_epsilon``, else ``dp_epochs``."""
+        return self.dp_epochs_by_epsilon.get(float(epsilon), self.dp_epochs)
+
+    def dp_lr(self, backbone: str, optimizer: str) -> float:
+        """The learning rate of ``backbone`` trained end to end by DP-SGD (``optimizer="sgd"``)
+        or DP-Adam (``"adam"``): its own in ``lr_dp_by_backbone``, else the profile's."""
+        if optimizer not in DP_OPTIMIZERS:
+            raise ConfigError(f"DP optimizer must be one of {list(DP_OPTIMIZERS)}, got {optimizer!r}")
+        default = self.lr_dp_sgd if optimizer == "sgd" else self.lr_dp_adam
+        return self.lr_dp_by_backbone.get(backbone, {}).get(optimizer, default)
 
     @classmethod
     def field_names(cls) -> List[str]:
@@ -118,7 +147,8 @@ class Params:
         if unknown:
             raise ConfigError(f"{where}: unknown parameter(s) {', '.join(unknown)}; known: "
                               f"{', '.join(cls.field_names())}")
-        required = [f.name for f in fields(cls) if f.default is MISSING]
+        required = [f.name for f in fields(cls)
+                    if f.default is MISSING and f.default_factory is MISSING]
         missing = [n for n in required if n not in d]
         if missing:
             raise ConfigError(f"{where}: missing parameter(s) {', '.join(missing)}")
@@ -130,6 +160,48 @@ class Params:
         globals after papermill's injected cell)."""
         return cls.from_mapping({k: ns[k] for k in cls.field_names() if k in ns},
                                 "notebook parameters")
+
+
+def _checked_rates(rates: Any) -> Dict[str, Dict[str, float]]:
+    """``lr_dp_by_backbone`` checked (known networks, known optimisers, finite positive rates)
+    and copied into plain dicts."""
+    where = "profile parameter lr_dp_by_backbone"
+    if not isinstance(rates, Mapping):
+        raise ConfigError(f"{where} must be a mapping {{backbone: {{optimizer: lr}}}}, got {rates!r}")
+    out: Dict[str, Dict[str, float]] = {}
+    for net, by_opt in rates.items():
+        if net not in BACKBONES:
+            raise ConfigError(f"{where}: unknown backbone {net!r}; known: {', '.join(BACKBONES.names())}")
+        if not isinstance(by_opt, Mapping) or not by_opt:
+            raise ConfigError(f"{where}.{net} must be a non-empty mapping {{optimizer: lr}}, "
+                              f"got {by_opt!r}")
+        out[net] = {}
+        for opt, lr in by_opt.items():
+            if opt not in DP_OPTIMIZERS:
+                raise ConfigError(f"{where}.{net}: unknown optimizer {opt!r}; known: "
+                                  f"{', '.join(DP_OPTIMIZERS)}")
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
+                    or lr <= 0:
+                raise ConfigError(f"{where}.{net}.{opt} must be a finite positive number, got {lr!r}")
+            out[net][opt] = float(lr)
+    return out
+
+
+def _checked_epochs(by_eps: Any) -> Dict[float, int]:
+    """``dp_epochs_by_epsilon`` checked (finite positive budgets, positive integer epochs) and
+    copied into a plain dict keyed by float."""
+    where = "profile parameter dp_epochs_by_epsilon"
+    if not isinstance(by_eps, Mapping):
+        raise ConfigError(f"{where} must be a mapping {{eps: epochs}}, got {by_eps!r}")
+    out: Dict[float, int] = {}
+    for eps, n in by_eps.items():
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) \
+                or eps <= 0:
+            raise ConfigError(f"{where}: budget {eps!r} must be a finite positive number")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"{where}.{eps}: epochs must be a positive integer, got {n!r}")
+        out[float(eps)] = n
+    return out
 
 
 @dataclass(frozen=True)
@@ -149,13 +221,19 @@ class Recipe:
 
     def config(self, p: Params, *, n_train: Optional[int] = None, **point: Any) -> RunConfig:
         """The config of one grid point (e.g. ``seed=1, target_epsilon=3.0``). ``n_train``
-        (images of the training split) goes to the recipes that scale with it."""
+        (images of the training split) goes to the recipes that scale with it, the point's
+        ``backbone`` and ``target_epsilon`` to the recipes whose hyperparameters depend on the
+        network or the budget."""
         extra = set(point) - set(self.axes)
         if extra:
             raise ConfigError(f"recipe {self.name!r} is not swept over {', '.join(sorted(extra))}; "
                               f"its axes: {', '.join(self.axes)}")
-        takes_n = "n_train" in inspect.signature(self.build).parameters
-        base = self.build(p, n_train=n_train) if takes_n else self.build(p)
+        takes = inspect.signature(self.build).parameters
+        kw: Dict[str, Any] = {"n_train": n_train} if "n_train" in takes else {}
+        for axis in ("backbone", "target_epsilon"):
+            if axis in takes and axis in point:
+                kw[axis] = point[axis]
+        base = self.build(p, **kw)
         if "site" in point:
             point["split"] = f"site:{point.pop('site')}"
         return base.replace(recipe=self.name, name=self.name, **point)
@@ -208,12 +286,19 @@ def _reference(p: Params, **over: Any) -> RunConfig:
                        augment_color=p.augment_color, **over)
 
 
-def _dp(p: Params, **over: Any) -> RunConfig:
-    """An end-to-end DP run at the DP schedule with the profile's DP levers (noisy class prior,
-    EMA, augmentation multiplicity); the last iterate (or its EMA) is released."""
-    return _end_to_end(p, dp=True, target_epsilon=p.epsilons[0], epochs=p.dp_epochs,
-                       batch_size=p.dp_batch_size, logit_adjust=p.dp_logit_adjust,
-                       la_tau=p.dp_la_tau, ema_decay=p.dp_ema, aug_mult=p.dp_aug_mult, **over)
+def _dp(p: Params, optimizer: str, backbone: Optional[str] = None,
+        target_epsilon: Optional[float] = None, **over: Any) -> RunConfig:
+    """An end-to-end DP run of ``backbone`` (None: the profile's first) by ``optimizer`` at
+    ``target_epsilon`` (None: the profile's first budget), at the DP schedule (its epochs at
+    that budget, :meth:`Params.dp_epochs_at`) and the network's DP learning rate
+    (:meth:`Params.dp_lr`), with the profile's DP levers (noisy class prior, EMA, augmentation
+    multiplicity); the last iterate (or its EMA) is released."""
+    net, eps = backbone or p.backbones[0], p.epsilons[0] if target_epsilon is None else target_epsilon
+    return _end_to_end(p, backbone=net, dp=True, target_epsilon=eps,
+                       epochs=p.dp_epochs_at(eps), batch_size=p.dp_batch_size,
+                       logit_adjust=p.dp_logit_adjust, la_tau=p.dp_la_tau, ema_decay=p.dp_ema,
+                       aug_mult=p.dp_aug_mult, optimizer=optimizer,
+                       lr=p.dp_lr(net, optimizer), **over)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -238,28 +323,32 @@ def loso_adam(p: Params) -> RunConfig:
 
 
 @_recipe("dp-sgd", "DP-SGD", DP)
-def dp_sgd(p: Params) -> RunConfig:
+def dp_sgd(p: Params, backbone: Optional[str] = None,
+           target_epsilon: Optional[float] = None) -> RunConfig:
     """The backbone trained by DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise)."""
-    return _dp(p, optimizer="sgd", lr=p.lr_dp_sgd)
+    return _dp(p, "sgd", backbone, target_epsilon)
 
 
 @_recipe("dp-adam", "DP-Adam", DP)
-def dp_adam(p: Params) -> RunConfig:
+def dp_adam(p: Params, backbone: Optional[str] = None,
+            target_epsilon: Optional[float] = None) -> RunConfig:
     """The backbone trained by DP-Adam (Adam's update on DP-SGD's noisy gradient)."""
-    return _dp(p, optimizer="adam", lr=p.lr_dp_adam)
+    return _dp(p, "adam", backbone, target_epsilon)
 
 
 @_recipe("dp-sgd-lesion", "DP-SGD, lesion-level", DP)
-def dp_sgd_lesion(p: Params) -> RunConfig:
+def dp_sgd_lesion(p: Params, backbone: Optional[str] = None,
+                  target_epsilon: Optional[float] = None) -> RunConfig:
     """DP-SGD whose privacy unit is a lesion (all its images): lesions are Poisson-sampled and
     each lesion's mean gradient is clipped (user-level DP-SGD)."""
-    return dp_sgd(p).replace(privacy_unit="lesion")
+    return dp_sgd(p, backbone, target_epsilon).replace(privacy_unit="lesion")
 
 
 @_recipe("dp-adam-lesion", "DP-Adam, lesion-level", DP)
-def dp_adam_lesion(p: Params) -> RunConfig:
+def dp_adam_lesion(p: Params, backbone: Optional[str] = None,
+                   target_epsilon: Optional[float] = None) -> RunConfig:
     """DP-Adam with a lesion as the privacy unit (see dp-sgd-lesion)."""
-    return dp_adam(p).replace(privacy_unit="lesion")
+    return dp_adam(p, backbone, target_epsilon).replace(privacy_unit="lesion")
 
 
 # --------------------------------------------------------------------------- the proposed technique
@@ -344,14 +433,15 @@ def ablation_profile_resolution(p: Params) -> RunConfig:
 
 
 @_recipe("ablation/no-front-end", "without front end (pixels)", PROPOSED)
-def ablation_no_front_end(p: Params) -> RunConfig:
+def ablation_no_front_end(p: Params, target_epsilon: Optional[float] = None) -> RunConfig:
     """The end-to-end backbone on pixels at the DP-SGD schedule (its rate, batch, epochs and
     EMA decay) and the profile's image size (as the DP baselines; a network's step costs ~4x at
     twice the side), keeping the technique's logit adjustment."""
+    eps = p.epsilons[0] if target_epsilon is None else target_epsilon
     return proposed(p).replace(features="pixels", backbone=p.backbones[0], feature_norm="none",
-                               image_size=p.image_size, lr=p.lr_dp_sgd, batch_size=p.dp_batch_size,
-                               epochs=p.dp_epochs, ema_decay=p.dp_ema, augment_flips=True,
-                               augment_rot90=True)
+                               image_size=p.image_size, lr=p.dp_lr(p.backbones[0], "sgd"),
+                               batch_size=p.dp_batch_size, epochs=p.dp_epochs_at(eps),
+                               ema_decay=p.dp_ema, augment_flips=True, augment_rot90=True)
 
 
 @_recipe("ablation/scatter-front-end", "scattering front end instead", PROPOSED)
@@ -386,9 +476,10 @@ def mple_nonprivate(p: Params) -> RunConfig:
 
 
 @_recipe("mple/dp-sgd", "MpLe + DP-SGD", DP)
-def mple_dp_sgd(p: Params) -> RunConfig:
+def mple_dp_sgd(p: Params, backbone: Optional[str] = None,
+                target_epsilon: Optional[float] = None) -> RunConfig:
     """DP-SGD by MpLe's service provider on morphed rows (the privacy unit: one image)."""
-    return dp_sgd(p).replace(features="given", **_NO_AUGMENTATION)
+    return dp_sgd(p, backbone, target_epsilon).replace(features="given", **_NO_AUGMENTATION)
 
 
 # --------------------------------------------------------------------------- attacked models
@@ -466,4 +557,4 @@ def recipe_label(name: Optional[str]) -> str:
     return RECIPES.get(name).label if name in RECIPES else str(name)
 
 
-__all__ = ["ATTACK_MODELS", "Params", "RECIPES", "Recipe", "common", "recipe_label"]
+__all__ = ["ATTACK_MODELS", "DP_OPTIMIZERS", "Params", "RECIPES", "Recipe", "common", "recipe_label"]
