@@ -32,3 +32,20 @@ class DownloadError(DpskinError, RuntimeError):
 
 class RunLockedError(DpskinError, RuntimeError):
     """Another process is training the same run folder."""
+
+
+def check_number(value: object, what: str, *, integer: bool = False, positive: bool = False,
+                 nonnegative: bool = False, optional: bool = False) -> None:
+    """Raise :class:`ConfigError` naming ``what`` unless ``value`` is a finite number (an int
+    when ``integer``; a bool is neither), > 0 when ``positive``, >= 0 when ``nonnegative``;
+    None passes when ``optional``. The one number check of configs, profiles and registries."""
+    import math
+
+    if value is None and optional:
+        return
+    sign = "positive " if positive else "non-negative " if nonnegative else ""
+    kind = f"{sign}integer" if integer else f"finite {sign}number"
+    kinds = (int,) if integer else (int, float)
+    if (isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value)
+            or (positive and not value > 0) or (nonnegative and not value >= 0)):
+        raise ConfigError(f"{what} must be a {kind}{' or None' if optional else ''}, got {value!r}")

@@ -64,3 +64,19 @@ def test_per_example_norms_match_one_backward_per_example():
         assert got[i] == pytest.approx(float(ref), rel=1e-5)
     t = clipping_table({"m": model}, x, y.numpy(), max_grad_norm=1e-3)
     assert set(t["model"]) == {"m"} and np.allclose(t["effective weight"], 1.0)
+
+
+def test_balanced_weights_give_every_class_the_same_total_weight():
+    """One formula serves the non-private runs' loss and the chapter's public weights: each
+    class's count times its weight is N / K; an empty class is floored, not divided by."""
+    from dpskin_core.training.technique import balanced_weights
+
+    counts = np.array([10.0, 30.0, 60.0])
+    np.testing.assert_allclose(balanced_weights(counts) * counts, [100 / 3] * 3)
+    w = balanced_weights(np.array([0.0, 50.0, 50.0]))
+    assert np.all(np.isfinite(w)) and w[0] == 100 / 3 and w[1] == w[2] == 100 / 150
+    from dpskin_core.book.imbalance import published_balanced_weights
+
+    ham = np.array([HAM10000_COUNTS[c] for c in CLASSES], dtype=float)
+    np.testing.assert_allclose(published_balanced_weights(), balanced_weights(ham))
+    np.testing.assert_allclose(published_balanced_weights() * ham, [ham.sum() / 7] * 7)

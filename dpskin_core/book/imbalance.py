@@ -23,13 +23,13 @@ from torch import nn
 
 from ..constants import CLASSES, HAM10000_COUNTS
 from ..errors import ConfigError
+from ..training.technique import balanced_weights
 
 
 def published_balanced_weights() -> np.ndarray:
     """Inverse-frequency ("balanced") class weights ``N / (K n_c)`` from the published HAM10000
     class counts, in the order of :data:`CLASSES` (public: they cost no privacy budget)."""
-    n = np.array([HAM10000_COUNTS[c] for c in CLASSES], dtype=np.float64)
-    return n.sum() / (len(n) * n)
+    return balanced_weights(np.array([HAM10000_COUNTS[c] for c in CLASSES], dtype=np.float64))
 
 
 def per_example_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -67,6 +67,25 @@ def to_float(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return (x_uint8.float().div_(255.0) - mean) / std
 
 
+def translate_batch(x: torch.Tensor, t: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Shift each image of a float batch (N, C, H, W) by its own random offsets in [-t, t] px
+    on both axes, filling the uncovered border by reflection (a lesion's surrounding skin
+    continues, instead of a black edge the network could learn). Raises ``ConfigError`` when
+    ``t`` is not below the image's side (reflection needs t < H and t < W)."""
+    n, _, h, w = x.shape
+    if t >= h or t >= w:
+        raise ConfigError(f"augment_translate={t} px: must be smaller than the image side ({h} x {w})")
+    dev = x.device
+    padded = torch.nn.functional.pad(x, (t, t, t, t), mode="reflect")
+    dy = torch.randint(0, 2 * t + 1, (n,), generator=generator).to(dev)
+    dx = torch.randint(0, 2 * t + 1, (n,), generator=generator).to(dev)
+    rows = dy[:, None] + torch.arange(h, device=dev)  # (n, h): padded rows each image keeps
+    cols = dx[:, None] + torch.arange(w, device=dev)  # (n, w)
+    # advanced indices around a slice put the broadcast (n, h, w) first: (n, h, w, C)
+    out = padded[torch.arange(n, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
 def augment(
     x: torch.Tensor,
     generator: Optional[torch.Generator],
@@ -74,16 +93,23 @@ def augment(
     flips: bool = True,
     rot90: bool = True,
     color: float = 0.0,
+    translate: int = 0,
 ) -> torch.Tensor:
-    """Randomly flip / rotate by multiples of 90 degrees / colour-jitter a float batch in [0, 1].
+    """Randomly shift / flip / rotate by multiples of 90 degrees / colour-jitter a float batch
+    in [0, 1].
 
+    ``translate`` is the largest shift in px: each image moves by offsets drawn uniformly from
+    [-translate, translate] on each axis, its border reflected into the gap (:func:`translate`).
     ``color`` is the jitter strength: brightness and contrast factors drawn uniformly from
-    [1 - color, 1 + color] per image. Operates before normalisation.
+    [1 - color, 1 + color] per image. Operates before normalisation. With every option off no
+    random number is drawn, so adding an option leaves the others' draws unchanged.
     """
     n = x.shape[0]
     if n == 0:
         return x
     dev = x.device
+    if translate > 0:
+        x = translate_batch(x, translate, generator)
 
     def coin() -> torch.Tensor:
         return (torch.rand(n, generator=generator) < 0.5).to(dev).view(n, 1, 1, 1)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 from ..constants import NORMALISATIONS
 from ..data import DATASETS
-from ..errors import ConfigError, UnknownNameError
+from ..errors import ConfigError, UnknownNameError, check_number
 from .augment import COLOUR_CONSTANCY
 from .backbones import BACKBONES
 from .frontends import FRONT_ENDS
@@ -81,6 +80,8 @@ class RunConfig:
     augment_flips: bool = True              # random horizontal + vertical flips
     augment_rot90: bool = True              # random multiples of 90 degrees (lesions have no "up")
     augment_color: float = 0.0              # colour jitter strength (0 = off; 0.1 = +-10 %)
+    augment_translate: int = 0              # px: random shift in [-t, t] per axis (reflected
+    #                                         border; 0 = off); pixel front end only
     # --- model ------------------------------------------------------------------------
     backbone: str = "smallcnn"
     pretrained_path: Optional[str] = None   # local state_dict only; nothing is downloaded
@@ -207,21 +208,9 @@ def _choice(cfg: RunConfig, field: str, allowed: Iterable[str]) -> None:
         raise ConfigError(f"{field}={getattr(cfg, field)!r}; expected one of {', '.join(allowed)}")
 
 
-def _number(cfg: RunConfig, field: str, *, integer: bool = False, positive: bool = False,
-            nonnegative: bool = False, optional: bool = False) -> None:
-    """A finite int/float (an int when ``integer``; bools are neither), > 0 when ``positive``,
-    >= 0 when ``nonnegative``; None allowed when ``optional``."""
-    v = getattr(cfg, field)
-    if v is None and optional:
-        return
-    kinds = (int,) if integer else (int, float)
-    if isinstance(v, bool) or not isinstance(v, kinds) or not math.isfinite(v):
-        raise ConfigError(f"{field} must be a finite {'integer' if integer else 'number'}"
-                          f"{' or None' if optional else ''}, got {v!r}")
-    if positive and not v > 0:
-        raise ConfigError(f"{field} must be > 0, got {v!r}")
-    if nonnegative and not v >= 0:
-        raise ConfigError(f"{field} must be >= 0, got {v!r}")
+def _number(cfg: RunConfig, field: str, **kw: bool) -> None:
+    """:func:`~dpskin_core.errors.check_number` of the field ``field`` of ``cfg``."""
+    check_number(getattr(cfg, field), field, **kw)
 
 
 def _flag(cfg: RunConfig, field: str) -> None:
@@ -249,6 +238,10 @@ def validate(cfg: RunConfig) -> None:
         _number(cfg, f, integer=True, nonnegative=True)
     for f in ("image_size", "epochs", "batch_size", "synth_n", "aug_mult"):
         _number(cfg, f, integer=True, positive=True)
+    _number(cfg, "augment_translate", integer=True, nonnegative=True)
+    if cfg.augment_translate >= cfg.image_size:
+        raise ConfigError(f"augment_translate={cfg.augment_translate} px must be smaller than "
+                          f"image_size={cfg.image_size}")
     for f in ("max_physical_batch_size", "early_stopping_patience", "num_threads"):
         _number(cfg, f, integer=True, positive=True, optional=True)
     for f in ("lr", "max_grad_norm", "hist_noise", "stats_noise"):

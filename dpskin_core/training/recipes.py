@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import itertools
 import inspect
-import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_number
 from ..registry import Registry
 from .backbones import BACKBONES
 from .config import RunConfig
@@ -102,6 +101,10 @@ class Params:
     #: ``dp_epochs`` (``{eps: epochs}``): at a fixed budget more steps mean more noise per step,
     #: so the best number of steps depends on eps (De et al. 2022 tune it per budget)
     dp_epochs_by_epsilon: Mapping[float, int] = field(default_factory=dict)
+    #: the largest random shift (px, per axis, reflected border) of the non-private references'
+    #: training images, and of the end-to-end DP recipes' (data-independent: free under DP)
+    augment_translate: int = 0
+    dp_augment_translate: int = 0
 
     def __post_init__(self) -> None:
         for name in ("backbones", "seeds", "epsilons", "lesion_epsilons", "loso_sites"):
@@ -109,11 +112,12 @@ class Params:
         for name in ("backbones", "seeds"):
             if not getattr(self, name):
                 raise ConfigError(f"profile parameter {name} is empty")
+        for name in ("augment_translate", "dp_augment_translate"):
+            check_number(getattr(self, name), f"profile parameter {name} (px)", integer=True,
+                         nonnegative=True)
         for name in ("proposed_image_size", "proposed_colour_epochs"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"profile parameter {name} must be a positive integer or null, "
-                                  f"got {v!r}")
+            check_number(getattr(self, name), f"profile parameter {name}", integer=True,
+                         positive=True, optional=True)
         if self.dp_backbones is not None:
             object.__setattr__(self, "dp_backbones", tuple(self.dp_backbones))
             extra = [b for b in self.dp_backbones if b not in self.backbones]
@@ -180,9 +184,7 @@ def _checked_rates(rates: Any) -> Dict[str, Dict[str, float]]:
             if opt not in DP_OPTIMIZERS:
                 raise ConfigError(f"{where}.{net}: unknown optimizer {opt!r}; known: "
                                   f"{', '.join(DP_OPTIMIZERS)}")
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
-                    or lr <= 0:
-                raise ConfigError(f"{where}.{net}.{opt} must be a finite positive number, got {lr!r}")
+            check_number(lr, f"{where}.{net}.{opt}", positive=True)
             out[net][opt] = float(lr)
     return out
 
@@ -195,11 +197,8 @@ def _checked_epochs(by_eps: Any) -> Dict[float, int]:
         raise ConfigError(f"{where} must be a mapping {{eps: epochs}}, got {by_eps!r}")
     out: Dict[float, int] = {}
     for eps, n in by_eps.items():
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) \
-                or eps <= 0:
-            raise ConfigError(f"{where}: budget {eps!r} must be a finite positive number")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"{where}.{eps}: epochs must be a positive integer, got {n!r}")
+        check_number(eps, f"{where}: budget {eps!r}", positive=True)
+        check_number(n, f"{where}.{eps}: epochs", integer=True, positive=True)
         out[float(eps)] = n
     return out
 
@@ -283,7 +282,8 @@ def _reference(p: Params, **over: Any) -> RunConfig:
     epochs (the best epoch is released); loss weighted by the (private) class counts."""
     return _end_to_end(p, class_weights=p.class_weights, early_stopping_patience=p.patience,
                        warmup_epochs=p.warmup_epochs, lr_schedule=p.lr_schedule,
-                       augment_color=p.augment_color, **over)
+                       augment_color=p.augment_color, augment_translate=p.augment_translate,
+                       **over)
 
 
 def _dp(p: Params, optimizer: str, backbone: Optional[str] = None,
@@ -297,8 +297,8 @@ def _dp(p: Params, optimizer: str, backbone: Optional[str] = None,
     return _end_to_end(p, backbone=net, dp=True, target_epsilon=eps,
                        epochs=p.dp_epochs_at(eps), batch_size=p.dp_batch_size,
                        logit_adjust=p.dp_logit_adjust, la_tau=p.dp_la_tau, ema_decay=p.dp_ema,
-                       aug_mult=p.dp_aug_mult, optimizer=optimizer,
-                       lr=p.dp_lr(net, optimizer), **over)
+                       aug_mult=p.dp_aug_mult, augment_translate=p.dp_augment_translate,
+                       optimizer=optimizer, lr=p.dp_lr(net, optimizer), **over)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -437,11 +437,12 @@ def ablation_no_front_end(p: Params, target_epsilon: Optional[float] = None) -> 
     """The end-to-end backbone on pixels at the DP-SGD schedule (its rate, batch, epochs and
     EMA decay) and the profile's image size (as the DP baselines; a network's step costs ~4x at
     twice the side), keeping the technique's logit adjustment."""
-    eps = p.epsilons[0] if target_epsilon is None else target_epsilon
-    return proposed(p).replace(features="pixels", backbone=p.backbones[0], feature_norm="none",
-                               image_size=p.image_size, lr=p.dp_lr(p.backbones[0], "sgd"),
-                               batch_size=p.dp_batch_size, epochs=p.dp_epochs_at(eps),
-                               ema_decay=p.dp_ema, augment_flips=True, augment_rot90=True)
+    base = dp_sgd(p, None, target_epsilon)  # the DP-SGD baseline at this budget
+    return proposed(p).replace(features="pixels", backbone=base.backbone, feature_norm="none",
+                               image_size=base.image_size, lr=base.lr,
+                               batch_size=base.batch_size, epochs=base.epochs,
+                               ema_decay=base.ema_decay, augment_translate=base.augment_translate,
+                               augment_flips=True, augment_rot90=True)
 
 
 @_recipe("ablation/scatter-front-end", "scattering front end instead", PROPOSED)
@@ -458,7 +459,8 @@ def ablation_scatter_front_end(p: Params) -> RunConfig:
 # --------------------------------------------------------------------------- MpLe (chapter 08)
 #: a morphed sample cannot be flipped, rotated or colour-jittered without the key: the MpLe
 #: runs, and the plain run they are compared with, see each image as it is
-_NO_AUGMENTATION = dict(augment_flips=False, augment_rot90=False, augment_color=0.0)
+_NO_AUGMENTATION = dict(augment_flips=False, augment_rot90=False, augment_color=0.0,
+                        augment_translate=0)
 
 
 @_recipe("mple/plain-no-augmentation", "plain, no augmentation", E2E)
@@ -484,9 +486,9 @@ def mple_dp_sgd(p: Params, backbone: Optional[str] = None,
 
 # --------------------------------------------------------------------------- attacked models
 #: the attacked end-to-end models train at a constant rate for a fixed number of epochs,
-#: without colour jitter (as the attacks chapter has measured them)
+#: without colour jitter or shifts (as the attacks chapter has measured them)
 _PLAIN = dict(early_stopping_patience=None, warmup_epochs=0.0, lr_schedule="constant",
-              augment_color=0.0)
+              augment_color=0.0, augment_translate=0)
 
 
 def _attack(cfg: RunConfig, p: Params) -> RunConfig:
@@ -513,8 +515,9 @@ def attack_nonprivate_no_augmentation(p: Params) -> RunConfig:
 
 
 def _plain_dp(cfg: RunConfig) -> RunConfig:
-    """The plain DP baseline (no levers), as the attacks chapter measures it."""
-    return cfg.replace(logit_adjust=False, la_tau=1.0, ema_decay=None, aug_mult=1)
+    """The plain DP baseline (no levers, no shifts), as the attacks chapter measures it."""
+    return cfg.replace(logit_adjust=False, la_tau=1.0, ema_decay=None, aug_mult=1,
+                       augment_translate=0)
 
 
 @_recipe("attack/dp-sgd", "DP-SGD", PROPOSED)

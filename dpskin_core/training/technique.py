@@ -114,6 +114,13 @@ def log_prior(counts: np.ndarray, floor: float = 1.0) -> np.ndarray:
     return np.log(c / c.sum())
 
 
+def balanced_weights(counts: np.ndarray, floor: float = 1.0) -> np.ndarray:
+    """Inverse-frequency ("balanced") class weights ``N / (K n_c)`` from class counts, each count
+    floored at ``floor`` (an empty class gets a large weight, not a division by zero)."""
+    c = np.asarray(counts, dtype=np.float64)
+    return c.sum() / (len(c) * np.maximum(c, floor))
+
+
 class LogitAdjustedLoss(nn.Module):
     """CE(logits + tau * log_prior, y) (Menon et al. 2021); predict with plain logits."""
 

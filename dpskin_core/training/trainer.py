@@ -224,7 +224,9 @@ def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
                                  "source": "given (e.g. a federation's summed noisy histograms)"}
         return LogitAdjustedLoss(log_prior(counts), cfg.la_tau).to(device), prefix, released
     if cfg.class_weights == "balanced":
-        w = torch.tensor(counts.sum() / (len(CLASSES) * np.maximum(counts, 1)), dtype=torch.float32)
+        from .technique import balanced_weights
+
+        w = torch.tensor(balanced_weights(counts), dtype=torch.float32)
         return nn.CrossEntropyLoss(weight=w.to(device)), (), {}
     return nn.CrossEntropyLoss(), (), {}
 

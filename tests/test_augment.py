@@ -1,0 +1,77 @@
+"""Random translation of training images (``augment_translate``): what it computes, where the
+recipes use it, and the values it rejects."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpskin_core.errors import ConfigError
+from dpskin_core.training.augment import augment, translate_batch
+from dpskin_core.training.config import RunConfig
+
+
+def _offsets(out: torch.Tensor, x: torch.Tensor, t: int) -> list:
+    """For each image, the (dy, dx) window of the reflect-padded input it equals (None: none)."""
+    padded = torch.nn.functional.pad(x, (t, t, t, t), mode="reflect")
+    h, w = x.shape[2:]
+    found = []
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy in range(2 * t + 1) for dx in range(2 * t + 1)
+                if torch.equal(out[i], padded[i, :, dy:dy + h, dx:dx + w])]
+        found.append(hits[0] if hits else None)
+    return found
+
+
+def test_each_image_is_a_reflected_window_shifted_by_its_own_offsets():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 9, 7, generator=g)
+    out = translate_batch(x, 3, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.is_contiguous()
+    offsets = _offsets(out, x, 3)
+    assert None not in offsets
+    # per-image draws spread over the whole range of offsets, the centre (no shift) among them
+    assert len(set(offsets)) > 20
+    assert {dy for dy, _ in offsets} == set(range(7)) and {dx for _, dx in offsets} == set(range(7))
+
+
+def test_translation_is_reproducible_from_its_generator_and_off_at_zero():
+    x = torch.rand(16, 3, 8, 8)
+    a = augment(x, torch.Generator().manual_seed(5), flips=False, rot90=False, translate=2)
+    b = augment(x, torch.Generator().manual_seed(5), flips=False, rot90=False, translate=2)
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    # translate=0 draws nothing: the other options' draws are those of the code without it
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(augment(x, g1, color=0.2, translate=0), augment(x, g2, color=0.2))
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_a_shift_as_large_as_the_image_is_rejected_naming_the_field():
+    with pytest.raises(ConfigError, match="augment_translate=8"):
+        translate_batch(torch.rand(2, 3, 8, 8), 8, None)
+    for bad in (32, 40):
+        with pytest.raises(ConfigError, match="augment_translate"):
+            RunConfig(image_size=32, augment_translate=bad)
+    for bad in (-1, 1.5, True, float("nan")):
+        with pytest.raises(ConfigError, match="augment_translate"):
+            RunConfig(augment_translate=bad)
+    assert RunConfig(image_size=32, augment_translate=31).augment_translate == 31
+
+
+def test_the_recipes_shift_references_and_dp_runs_by_their_own_parameters_only():
+    from dpskin_core.book.registry import load_registry
+    from dpskin_core.training.recipes import RECIPES, Params
+
+    p = load_registry().params("cpu")
+    fields = {f: getattr(p, f) for f in Params.field_names()}
+    q = Params(**{**fields, "augment_translate": 4, "dp_augment_translate": 2})
+    assert RECIPES.get("nonprivate-adam").config(q, seed=0).augment_translate == 4
+    assert RECIPES.get("loso-adam").configs(q, seeds=[0])[0].augment_translate == 4
+    assert RECIPES.get("dp-sgd").config(q, target_epsilon=8.0, seed=0).augment_translate == 2
+    assert RECIPES.get("dp-adam").config(q, target_epsilon=8.0, seed=0).augment_translate == 2
+    # the attacked models and MpLe's runs see their images unshifted, as measured
+    for name in ("attack/nonprivate", "attack/nonprivate-no-augmentation", "attack/dp-sgd", "attack/dp-adam",
+                 "mple/plain-no-augmentation", "mple/dp-sgd"):
+        assert RECIPES.get(name).configs(q, n_train=5000)[0].augment_translate == 0, name
+    for bad in (-1, 1.5, True, None):
+        with pytest.raises(ConfigError, match="dp_augment_translate"):
+            Params(**{**fields, "dp_augment_translate": bad})
