@@ -52,10 +52,7 @@ def main() -> None:
         over["num_threads"] = args.threads
     P = profile_params(args.profile, over)
     # FLPlan's defaults are the chapter's (its parameters cell); the registry overrides them
-    fields = {"rounds": "fl_rounds", "local_epochs": "fl_local_epochs", "server_lr": "fl_server_lr",
-              "groups_per_site": "fl_groups_per_site", "client_sample_rate": "fl_client_sample_rate",
-              "client_clipping_norm": "fl_client_clipping_norm"}
-    plan = FLPlan(**{f: m[k] for f, k in fields.items() if k in m})
+    plan = FLPlan.from_chapter(m)
     eps = [float(e) for e in args.eps.split(",")] if args.eps else list(m.get("fl_epsilons") or P.epsilons)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(m.get("fl_seeds") or P.seeds)
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]

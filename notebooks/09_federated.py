@@ -82,8 +82,10 @@ from dpskin_core.federated.study import references, sweep, update_inversion
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.precision", 3)
 P = profile_params(profile, overrides)
-plan = FLPlan(fl_rounds, fl_local_epochs, fl_server_lr, fl_groups_per_site, fl_client_sample_rate,
-              fl_client_clipping_norm)
+plan = FLPlan.from_chapter(dict(
+    fl_rounds=fl_rounds, fl_local_epochs=fl_local_epochs, fl_server_lr=fl_server_lr,
+    fl_groups_per_site=fl_groups_per_site, fl_client_sample_rate=fl_client_sample_rate,
+    fl_client_clipping_norm=fl_client_clipping_norm))
 seeds = list(fl_seeds or P.seeds)
 epsilons = list(fl_epsilons or P.epsilons)
 base = FL_RECIPES.get("fedavg").config(P, plan)

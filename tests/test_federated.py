@@ -4,6 +4,7 @@ per round), the server's handling of failed clients, the in-process federation, 
 deployment on Flower (SuperLink + four SuperNodes on 127.0.0.1) computing the same model."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -568,3 +569,28 @@ def test_pooled_converged_scores_the_released_reference_at_every_site(tmp_path):
     pd.testing.assert_frame_equal(conv, again.reset_index(drop=True), check_like=True)
     assert set(references(lambda s: FL_RECIPES.get("fedavg").config(P, FLPlan(rounds=1), seed=s),
                           clients, [1], tmp_path)["training"]) == {"pooled", "local only"}
+
+
+def test_the_chapter_parameters_map_onto_every_field_of_the_plan():
+    """Every FLPlan field is a parameter of chapter 09 (fl_<field>), with the plan's default as
+    its default, and from_chapter reads the registry's values for every profile, so the chapter
+    and its benchmark build the same plan."""
+    from dataclasses import fields
+
+    from dpskin_core.book.registry import load_registry
+    from dpskin_core.book.runner import notebook_parameters
+    from dpskin_core.federated.recipes import FLPlan
+
+    declared = notebook_parameters(Path(__file__).parents[1] / "notebooks" / "09_federated.py")
+    default = FLPlan()
+    for f in fields(FLPlan):
+        assert declared[FLPlan.PREFIX + f.name] == getattr(default, f.name), f.name
+    assert FLPlan.from_chapter(declared) == default
+    reg = load_registry()
+    for profile in reg.profiles:
+        m = reg.parameters_for("09_federated", profile)
+        plan = FLPlan.from_chapter(m)
+        assert plan.rounds == m.get("fl_rounds", default.rounds)
+        assert all(getattr(plan, f.name) == m.get(FLPlan.PREFIX + f.name, getattr(default, f.name))
+                   for f in fields(FLPlan))
+    assert FLPlan.from_chapter({"fl_rounds": 7, "fl_epsilons": [1.0]}) == FLPlan(rounds=7)

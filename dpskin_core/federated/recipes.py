@@ -9,8 +9,8 @@ the four HAM10000 sites (four synthetic sites on the embedded data), or each sit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Optional
 
 from ..registry import Registry
 from ..training.recipes import RECIPES, Params
@@ -29,6 +29,17 @@ class FLPlan:
     groups_per_site: int = 10    # client-level DP: virtual clients per site
     client_sample_rate: float = 0.5   # client-level DP: Poisson rate of a client per round
     client_clipping_norm: float = 1.0  # client-level DP: L2 bound of one client's update
+
+    #: the chapter's parameter of a field is the field's name after this prefix (fl_rounds, ...)
+    PREFIX = "fl_"
+
+    @classmethod
+    def from_chapter(cls, parameters: Mapping[str, Any]) -> "FLPlan":
+        """The plan of the chapter's parameters (``fl_<field>``; a field left out keeps its
+        default, other keys are ignored): the one mapping of parameters to fields, used by the
+        chapter and its benchmark alike."""
+        return cls(**{f.name: parameters[cls.PREFIX + f.name] for f in fields(cls)
+                      if cls.PREFIX + f.name in parameters})
 
 
 @dataclass(frozen=True)
