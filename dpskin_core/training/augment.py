@@ -99,10 +99,11 @@ def augment(
     in [0, 1].
 
     ``translate`` is the largest shift in px: each image moves by offsets drawn uniformly from
-    [-translate, translate] on each axis, its border reflected into the gap (:func:`translate`).
-    ``color`` is the jitter strength: brightness and contrast factors drawn uniformly from
-    [1 - color, 1 + color] per image. Operates before normalisation. With every option off no
-    random number is drawn, so adding an option leaves the others' draws unchanged.
+    [-translate, translate] on each axis, its border reflected into the gap
+    (:func:`translate_batch`); at 0 it draws no random number, so the other options' draws are
+    those of the code without it. ``color`` is the jitter strength: brightness and contrast
+    factors drawn uniformly from [1 - color, 1 + color] per image. Operates before
+    normalisation.
     """
     n = x.shape[0]
     if n == 0:
