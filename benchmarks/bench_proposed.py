@@ -24,11 +24,14 @@ tune there, never on test).
         --set epochs=40 --seeds 0 --eval-split val --runs runs/val
 
 ``--search``: each (recipe, eps, seed) is the base of a private hyperparameter search over the
-profile's ``technique_search`` space (chapter ``07_tuning`` of ``experiments.yml``;
+recipe's space in chapter ``07_tuning`` of ``experiments.yml`` under the profile (the proposed
+technique: ``technique_search``; the recipes of ``search_recipes``: ``search``;
+:func:`dpskin_core.book.search.chapter_spaces`, as the chapter reads them;
 :func:`dpskin_core.book.search.private_search`); the row is its released winner, with the eps
 of the winning run alone (``eps``) and of the whole search (``eps_search``).
 
     python benchmarks/bench_proposed.py --recipes proposed --eps 1,3,8 --seeds 0,1,2 --search
+    python benchmarks/bench_proposed.py --recipes dp-sgd --eps 8 --seeds 0,1,2 --search
 """
 from __future__ import annotations
 
@@ -82,7 +85,7 @@ def main() -> None:
                    help="comma list of held-out sites, or 'all' (the profile's loso_sites); "
                         "default: the lesion-grouped split")
     p.add_argument("--search", action="store_true",
-                   help="privately search each point over the profile's technique_search space")
+                   help="privately search each point over its recipe's space in 07_tuning")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one profile parameter (value read as YAML); repeatable")
@@ -98,19 +101,22 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     sites = (list(P.loso_sites) if args.sites == "all" else args.sites.split(",")) if args.sites \
         else [None]
-    space = None
+    spaces = None
     if args.search and args.eval_split != "test":
         raise SystemExit("--search already reports its winner's validation score (val_bacc); "
                          "use it without --eval-split")
     if args.search:
         from dpskin_core.book.registry import load_registry
-        from dpskin_core.book.search import SearchSpace, private_search, winner_runs
+        from dpskin_core.book.search import chapter_spaces, private_search, winner_runs
 
-        space = SearchSpace.from_mapping(
-            load_registry().parameters_for("07_tuning", args.profile)["technique_search"],
-            "technique_search")
+        spaces = chapter_spaces(load_registry().parameters_for("07_tuning", args.profile))
+        unsearched = [r for r in args.recipes.split(",") if r not in spaces]
+        if unsearched:
+            raise SystemExit(f"--search: no search space for {', '.join(unsearched)} in chapter "
+                             f"07_tuning of profile {args.profile} (searched: {', '.join(spaces)})")
     rows = []
     for name in args.recipes.split(","):
+        space = spaces[name] if spaces else None
         nets = args.backbones.split(",") if args.backbones else P.backbones[:1]
         base = RECIPES.get(name).configs(P, backbones=nets, epsilons=eps, seeds=seeds)
         for cfg in [c if site is None else c.replace(split=f"site:{site}")

@@ -55,7 +55,7 @@ import seaborn as sns
 import matplotlib.pyplot as plt
 
 from dpskin_core.book.registry import profile_params
-from dpskin_core.book.search import SearchSpace, cost_curve, private_search, winner_runs
+from dpskin_core.book.search import chapter_spaces, cost_curve, private_search, winner_runs
 from dpskin_core.book.sweeps import recipe_runs
 from dpskin_core.book.tables import captioned, fmt_mean_std, glue
 from dpskin_core.training.recipes import RECIPES
@@ -66,8 +66,8 @@ P = profile_params(profile, overrides)
 backbones_s = list(search_backbones or P.backbones[:1])
 seeds_s = list(search_seeds if search_seeds is not None else P.seeds)
 # recipe -> its search space
-spaces = {**{r: SearchSpace.from_mapping(search) for r in search_recipes},
-          "proposed": SearchSpace.from_mapping(technique_search, "technique_search")}
+spaces = chapter_spaces({"search": search, "search_recipes": search_recipes,
+                         "technique_search": technique_search})
 
 # %% [markdown]
 # ## The search space

@@ -51,3 +51,15 @@ def test_append_adds_rows_and_replace_does_not(tmp_path):
     assert list(both["val_bacc"]) == [0.3, 0.4] and pd.read_csv(out).shape[0] == 2
     assert list(_bench().write_table(second, out, append=False)["val_bacc"]) == [0.4]
     assert pd.read_csv(out).shape[0] == 1
+
+
+def test_search_refuses_a_recipe_without_a_space(monkeypatch, tmp_path):
+    """``--search`` reads each recipe's space from chapter 07_tuning (as the chapter does) and
+    refuses, before any training, a recipe the chapter does not search."""
+    monkeypatch.setattr("sys.argv", ["bench_proposed.py", "--profile", "smoke", "--search",
+                                     "--recipes", "dp-sgd,nonprivate-adam",
+                                     "--runs", str(tmp_path / "runs"),
+                                     "--out", str(tmp_path / "t.csv")])
+    with pytest.raises(SystemExit, match="no search space for nonprivate-adam.*searched: dp-sgd, proposed"):
+        _bench().main()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "t.csv").exists()

@@ -36,6 +36,36 @@ def test_search_space_rejects_bad_values_naming_the_field(bad, match):
         S.SearchSpace.from_mapping(bad)
 
 
+def test_chapter_spaces_give_each_recipe_its_space():
+    """The end-to-end recipes draw from ``search``, the proposed technique from
+    ``technique_search`` (one mapping, read by chapter 07 and the benchmark); every profile's
+    spaces are valid and name registered recipes; the cpu profile's DP-SGD space holds the
+    profile's own hand-chosen schedule, which the chapter compares the winner with."""
+    from dpskin_core.book.registry import load_registry, profile_params
+    from dpskin_core.training.recipes import RECIPES
+
+    tech = dict(SPACE, lr=[4.0])
+    spaces = S.chapter_spaces({"search": SPACE, "search_recipes": ["dp-sgd", "dp-adam"],
+                               "technique_search": tech})
+    assert set(spaces) == {"dp-sgd", "dp-adam", S.TECHNIQUE_RECIPE}
+    assert spaces["dp-adam"].lr == (0.05, 0.5) and spaces[S.TECHNIQUE_RECIPE].lr == (4.0,)
+    with pytest.raises(ConfigError, match="missing parameter.*technique_search"):
+        S.chapter_spaces({"search": SPACE, "search_recipes": []})
+    with pytest.raises(ConfigError, match="search_recipes lists 'proposed'"):
+        S.chapter_spaces({"search": SPACE, "search_recipes": ["proposed"], "technique_search": tech})
+    with pytest.raises(ConfigError, match="technique_search: unknown key.*lrr"):
+        S.chapter_spaces({"search": SPACE, "search_recipes": [],
+                          "technique_search": dict(tech, lrr=[1.0])})
+    reg = load_registry()
+    for profile in reg.profiles:
+        for name in S.chapter_spaces(reg.parameters_for("07_tuning", profile)):
+            RECIPES.get(name)                      # raises on an unknown recipe
+    cpu = S.chapter_spaces(reg.parameters_for("07_tuning", "cpu"))["dp-sgd"]
+    P = profile_params("cpu")
+    assert (P.lr_dp_sgd in cpu.lr and P.dp_batch_size in cpu.batch_size
+            and P.dp_epochs in cpu.epochs and P.max_grad_norm in cpu.max_grad_norm)
+
+
 def test_candidates_and_plan():
     space = S.SearchSpace.from_mapping(SPACE)
     cands = space.candidates()

@@ -103,6 +103,33 @@ class SearchSpace:
                 itertools.product(*(getattr(self, n) for n in SEARCHABLE))]
 
 
+#: the recipe that draws from chapter ``07_tuning``'s ``technique_search`` space (its head has
+#: its own rates and schedules); every recipe of ``search_recipes`` draws from ``search``
+TECHNIQUE_RECIPE = "proposed"
+
+
+def chapter_spaces(parameters: Mapping[str, Any]) -> Dict[str, SearchSpace]:
+    """Recipe name -> its search space, from chapter ``07_tuning``'s parameters.
+
+    ``parameters`` holds ``search`` (the end-to-end recipes' space), ``search_recipes`` (the
+    recipes searched over it) and ``technique_search`` (the proposed technique's space), as in
+    ``experiments.yml``; the chapter and ``benchmarks/bench_proposed.py --search`` read their
+    spaces here, so a recipe is searched over the same space in both. A missing key raises
+    :class:`ConfigError` naming it.
+    """
+    missing = [k for k in ("search", "search_recipes", "technique_search") if k not in parameters]
+    if missing:
+        raise ConfigError(f"07_tuning: missing parameter(s) {', '.join(missing)}")
+    recipes = list(parameters["search_recipes"] or [])
+    if TECHNIQUE_RECIPE in recipes:
+        raise ConfigError(f"07_tuning: search_recipes lists {TECHNIQUE_RECIPE!r}, whose space is "
+                          "technique_search")
+    end_to_end = SearchSpace.from_mapping(parameters["search"], "search")
+    return {**{r: end_to_end for r in recipes},
+            TECHNIQUE_RECIPE: SearchSpace.from_mapping(parameters["technique_search"],
+                                                       "technique_search")}
+
+
 @dataclass(frozen=True)
 class SearchResult:
     """The public outcome of a search: the winner and what the whole search cost."""
