@@ -3,6 +3,7 @@ mode's clipped, noised update for every image backbone, with the same per-sample
 the same accountant history; combinations a mode cannot serve are refused, naming both."""
 from __future__ import annotations
 
+import gc
 import warnings
 
 import numpy as np
@@ -28,6 +29,7 @@ def dp_step(backbone: str, mode: str, x: torch.Tensor, y: torch.Tensor,
     """One DP-SGD step of a fresh ``backbone`` through the trainer's make_private with ``mode``
     (loss ``loss``, clipping bound ``clip``): (parameters after the step, per-sample gradient
     norms or None, the engine used)."""
+    gc.collect()  # the previous step's wrapped model sits in reference cycles (hooks): free it
     torch.manual_seed(0)
     model = build_backbone(backbone, num_classes=7)
     cfg = RunConfig(backbone=backbone, dp=True, target_epsilon=8.0, delta=1e-5, lr=0.5,
@@ -45,9 +47,14 @@ def dp_step(backbone: str, mode: str, x: torch.Tensor, y: torch.Tensor,
         criterion(model(x), y).backward()
     norms = None
     if GRAD_SAMPLE_MODES.get(used).per_sample_rows:
-        rows = [p.grad_sample.reshape(len(x), -1) for p in model.parameters() if p.requires_grad]
-        # in float64: torch's float32 norm of a 7M-long row (densenet121) is off by 2.5e-4
-        norms = torch.cat(rows, 1).double().norm(dim=1).float()
+        # summed in float64 (torch's float32 norm of a 7M-long row, densenet121, is off by
+        # 2.5e-4), a slice at a time: a float64 copy of vgg16's rows would take ~3 GB
+        sq = torch.zeros(len(x), dtype=torch.float64)
+        for p in model.parameters():
+            if p.requires_grad:
+                for part in p.grad_sample.reshape(len(x), -1).split(1 << 22, dim=1):
+                    sq += part.double().square().sum(1)
+        norms = sq.sqrt().float()
     elif used == "bk":  # norms without rows: the engine keeps them
         norms = model.per_sample_engine.last_norms
     optimizer.step()
