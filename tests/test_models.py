@@ -233,3 +233,23 @@ def test_pretrained_errors(tmp_path):
     torch.save({"epoch": 3}, tmp_path / "nosd.pt")
     with pytest.raises(ConfigError, match="no state_dict"):
         load_pretrained(build_backbone("smallcnn"), tmp_path / "nosd.pt")
+
+
+def test_resnet18_stem3_keeps_twice_the_side_of_torchvisions_stem():
+    """The small-image stem: a 3x3 stride-1 first convolution, so a 32 px image enters the
+    first block at 16 px (torchvision's 7x7 stride-2 stem and max pooling give 8 px); the rest
+    of the network is torchvision's ResNet-18 (same tensors but the first convolution)."""
+    torch.manual_seed(0)
+    small, plain = build_backbone("resnet18_stem3", num_classes=7), build_backbone("resnet18",
+                                                                                   num_classes=7)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    sides = {}
+    for name, net in (("small", small), ("plain", plain)):
+        net.layer1.register_forward_hook(lambda m, i, o, name=name: sides.__setitem__(name, o.shape[-1]))
+        net.eval()
+        with torch.no_grad():
+            assert net(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert sides == {"small": 16, "plain": 8}
+    a, b = small.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k].shape != b[k].shape] == ["conv1.weight"]
