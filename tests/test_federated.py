@@ -120,6 +120,8 @@ def test_fl_config_round_trip_and_refusals():
         FLConfig(rounds=0)
     with pytest.raises(ConfigError, match="server_lr must be a finite number"):
         FLConfig(server_lr=float("inf"))
+    with pytest.raises(ConfigError, match="run.la_tau_kept=0.5: a federation predicts"):
+        FLConfig(run=_run(dp=True, logit_adjust=True, la_tau_kept=0.5))
 
 
 def test_a_client_is_counted_before_its_round_and_once(tmp_path, synth, monkeypatch):

@@ -110,10 +110,10 @@ def test_reference_dp_and_loso_recipes_use_the_profile_levers():
             ref.class_weights, ref.epochs) == (p.patience, p.warmup_epochs, p.lr_schedule,
                                                p.augment_color, "balanced", p.epochs)
     dp = RECIPES.get("dp-sgd").config(p, backbone="smallcnn_fast", target_epsilon=3.0, seed=0)
-    assert (dp.logit_adjust, dp.la_tau, dp.ema_decay, dp.aug_mult, dp.epochs, dp.batch_size,
-            dp.early_stopping_patience, dp.class_weights, dp.augment_color) == (
-        p.dp_logit_adjust, p.dp_la_tau, p.dp_ema, p.dp_aug_mult, p.dp_epochs_at(3.0),
-        p.dp_batch_size, None, "none", 0.0)
+    assert (dp.logit_adjust, dp.la_tau, dp.la_tau_kept, dp.ema_decay, dp.aug_mult, dp.epochs,
+            dp.batch_size, dp.early_stopping_patience, dp.class_weights, dp.augment_color) == (
+        p.dp_logit_adjust, p.dp_la_tau, p.dp_la_tau_kept, p.dp_ema, p.dp_aug_mult,
+        p.dp_epochs_at(3.0), p.dp_batch_size, None, "none", 0.0)
     loso = RECIPES.get("loso-adam").configs(p, backbones=["smallcnn_fast"], seeds=[0])
     assert [c.split for c in loso] == [f"site:{s}" for s in p.loso_sites]
     assert all(c.replace(split="lesion") == ref.replace(backbone="smallcnn_fast", seed=0,

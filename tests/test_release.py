@@ -184,6 +184,7 @@ def test_an_early_stopped_run_killed_before_its_record_resumes_to_the_same_end(t
     ("target_epsilon", float("inf")), ("weight_decay", -1.0), ("aug_mult", 2.0),
     ("early_stopping_patience", 0), ("hist_noise", float("nan")), ("dp", "yes"),
     ("ema_decay", 1.0), ("split_seed", -1), ("dp_noise", "fast"), ("privacy_unit", "patient"),
+    ("la_tau_kept", float("inf")), ("la_tau_kept", 0.5),  # 0.5 without logit_adjust
 ])
 def test_bad_values_are_refused_before_any_run_folder(tmp_path, field, value):
     cfg = {**BASE, "dp": True, "target_epsilon": 3.0, "delta": 1e-4, field: value}

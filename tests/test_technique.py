@@ -277,3 +277,33 @@ def test_a_given_prior_replaces_the_release_but_not_its_accounting():
         build_criterion(cfg.replace(logit_adjust=False), data, torch.device("cpu"), 7, prior_counts=given)
     with pytest.raises(ConfigError, match="7 finite class counts"):
         build_criterion(cfg, data, torch.device("cpu"), 7, prior_counts=[1.0, float("nan")])
+
+
+def test_a_kept_prior_shifts_the_released_predictor_and_nothing_else(tmp_path):
+    """la_tau_kept: the same DP training (noise from the seed, so both runs draw the same
+    histogram and steps) released with logits + la_tau_kept * log(noisy prior). The shift is
+    recorded, the reloaded model applies it, and eps is unchanged (post-processing)."""
+    from dpskin_core.attacks import load_trained
+
+    data = random_bundle()
+    cfg = RunConfig(**BASE, dp=True, target_epsilon=8.0, logit_adjust=True, la_tau=2.0,
+                    dp_noise="seeded")
+    plain = run(cfg, tmp_path / "runs", data=data)
+    kept = run(cfg.replace(la_tau_kept=0.5), tmp_path / "runs", data=data)
+    assert kept.run_dir != plain.run_dir and kept.epsilon == plain.epsilon
+    released = kept.meta["released_before_training"]
+    shift = np.asarray(released["prediction_logit_shift"]["shift"])
+    assert "prediction_logit_shift" not in plain.meta["released_before_training"]
+    assert np.ptp(shift) > 0.05  # a shift that is the same for every class would change nothing
+    np.testing.assert_allclose(shift, 0.5 * log_prior(released["class_histogram"]), atol=1e-3)
+    p0, p1 = (pd.read_csv(r.run_dir / "predictions.csv").filter(like="prob_").to_numpy()
+              for r in (plain, kept))
+    expected = p0 * np.exp(shift)
+    np.testing.assert_allclose(p1, expected / expected.sum(1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(load_trained(kept.run_dir).predict_proba(data.x_test), p1, atol=1e-5)
+    for bad, match in [(dict(la_tau_kept=0.5, dp=False, target_epsilon=None), "needs dp=True"),
+                       (dict(la_tau_kept=0.5, logit_adjust=False), "and logit_adjust=True"),
+                       (dict(la_tau_kept=float("nan")), "la_tau_kept"),
+                       (dict(la_tau_kept=-0.5), "la_tau_kept")]:
+        with pytest.raises(ConfigError, match=match):
+            cfg.replace(**bad)

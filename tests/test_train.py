@@ -275,7 +275,7 @@ def test_collapse_to_one_class_is_in_the_record(tmp_path, monkeypatch):
     """A model predicting one class for every image is flagged per epoch and at the end."""
     from dpskin_core.training import trainer
 
-    def constant(model, x, inputs, batch=512):
+    def constant(model, x, inputs, batch=512, logit_shift=None):
         p = np.zeros((len(x), len(CLASSES)))
         p[:, 1] = 1.0
         return p

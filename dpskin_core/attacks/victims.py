@@ -92,9 +92,12 @@ class TrainedModel:
 
     @torch.no_grad()
     def logits(self, x: np.ndarray, batch: int = 512) -> np.ndarray:
-        """Raw outputs (N, C) as float64."""
+        """Outputs (N, C) of the released predictor as float64: the network's, plus the run's
+        prediction shift when it kept part of its class prior (``la_tau_kept``)."""
         out = [self.model(self.encode(x[i:i + batch])).double().cpu() for i in range(0, len(x), batch)]
-        return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)))
+        z = torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)))
+        kept = (self.meta.get("released_before_training") or {}).get("prediction_logit_shift")
+        return z + np.asarray(kept["shift"], dtype=np.float64) if kept else z
 
     def view_logits(self, x: np.ndarray, views: int = 1) -> np.ndarray:
         """Outputs on the first ``views`` dihedral views of each image: (N, V, C)."""

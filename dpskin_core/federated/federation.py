@@ -117,6 +117,9 @@ class FLConfig:
                                   "(record-level DP-SGD at every client) are both set; choose one")
         if self.prior not in PRIORS:
             raise ConfigError(f"federation prior: {self.prior!r} is not one of {', '.join(PRIORS)}")
+        if self.run.la_tau_kept > 0:  # the global model is evaluated with its plain logits
+            raise ConfigError(f"federation run.la_tau_kept={self.run.la_tau_kept}: a federation "
+                              "predicts with the global model's plain logits; set it to 0")
         if self.prior == "global" and not (self.run.dp and self.run.logit_adjust
                                            and self.run.privacy_unit == "image"):
             raise ConfigError("federation prior='global' sums the clients' noisy class histograms: "

@@ -140,7 +140,7 @@ def input_colour_stats(x: torch.Tensor) -> torch.Tensor:
     90-degree rotations of the augmentation. The skin's colour is a linear combination of the
     whole and centre means, so the head sees lesion, skin and their contrast.
     """
-    if x.dim() != 4 or x.shape[1] * 3 != INPUT_STATS_DIM:
+    if x.dim() != 4 or x.shape[1] != 3:  # 3 channels x 3 statistics = INPUT_STATS_DIM
         raise ConfigError(f"input_colour_stats takes (N, 3, H, W) images, got {tuple(x.shape)}")
     h, w = x.shape[-2:]
     centre = x[:, :, h // 4: h - h // 4, w // 4: w - w // 4]
@@ -289,7 +289,8 @@ for _arch in ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "mobilen
 @BACKBONES.register("resnet18_stem3")
 def _resnet18_stem3(num_classes: int, dp_compatible: bool = True, **kwargs: Any) -> nn.Module:
     """ResNet-18 for small images: a 3x3 stride-1 first convolution in place of torchvision's
-    7x7 stride-2 one (its max pooling kept), as ResNets for 32 px images do (He et al. 2016).
+    7x7 stride-2 one, its max pooling kept (He et al. 2016's CIFAR ResNets also begin with a
+    3x3 stride-1 convolution, but without pooling: this stem halves the side once, theirs not).
 
     torchvision's stem divides the side by 4 before the first block: a 32 px image reaches the
     last block as 1x1 px. This stem divides it by 2 (32 px: blocks at 16, 8, 4, 2 px, the

@@ -32,7 +32,7 @@ DP_ONLY_FIELDS = ("target_epsilon", "delta", "max_grad_norm", "accountant",
                   "max_physical_batch_size", "hist_noise", "dp_noise", "privacy_unit",
                   "grad_sample_mode", "stats_noise")
 #: Fields read only by the logit-adjusted loss.
-LOGIT_ADJUST_FIELDS = ("la_tau", "hist_noise")
+LOGIT_ADJUST_FIELDS = ("la_tau", "la_tau_kept", "hist_noise")
 #: how a standardising head's features are normalised: ``none`` (as the front end gives them),
 #: ``private`` (from a Gaussian release of their count, sum and sum of squares, counted in eps;
 #: DP only), ``exact`` (from the training rows themselves; non-private only)
@@ -106,6 +106,9 @@ class RunConfig:
     #                                         | given (rows encoded by the caller; run(model_factory=))
     logit_adjust: bool = False              # logit-adjusted loss with a (noisy under dp) class prior
     la_tau: float = 1.0                     # logit-adjustment strength tau
+    la_tau_kept: float = 0.0                # prior strength kept at prediction (DP only): the
+    #                                         released predictor's logits are f(x) + la_tau_kept
+    #                                         log pi (pi: the noisy histogram; post-processing)
     hist_noise: float = 20.0                # std (in images) of the Gaussian noise on the histogram
     ema_decay: Optional[float] = None       # EMA of weights, e.g. 0.99 (per optimizer step)
     aug_mult: int = 1                       # augmentation multiplicity K (views averaged pre-clip)
@@ -246,8 +249,14 @@ def validate(cfg: RunConfig) -> None:
         _number(cfg, f, integer=True, positive=True, optional=True)
     for f in ("lr", "max_grad_norm", "hist_noise", "stats_noise"):
         _number(cfg, f, positive=True)
-    for f in ("momentum", "weight_decay", "augment_color", "la_tau", "warmup_epochs"):
+    for f in ("momentum", "weight_decay", "augment_color", "la_tau", "la_tau_kept",
+              "warmup_epochs"):
         _number(cfg, f, nonnegative=True)
+    if cfg.la_tau_kept > 0 and not (cfg.logit_adjust and cfg.dp):
+        # the shift is built from the prior of the logit-adjusted loss; only a DP run's prior is
+        # a release (its noisy histogram): a non-private run would publish exact class counts
+        raise ConfigError(f"la_tau_kept={cfg.la_tau_kept} needs dp=True and logit_adjust=True "
+                          f"(got dp={cfg.dp}, logit_adjust={cfg.logit_adjust})")
     for f in ("val_frac", "test_frac"):
         _number(cfg, f, positive=True)
     _number(cfg, "ema_decay", positive=True, optional=True)

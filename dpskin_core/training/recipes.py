@@ -105,6 +105,9 @@ class Params:
     #: training images, and of the end-to-end DP recipes' (data-independent: free under DP)
     augment_translate: int = 0
     dp_augment_translate: int = 0
+    #: the end-to-end DP recipes' prior strength kept at prediction (``RunConfig.la_tau_kept``:
+    #: the released predictor's logits are f(x) + this * log(noisy prior); post-processing)
+    dp_la_tau_kept: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("backbones", "seeds", "epsilons", "lesion_epsilons", "loso_sites"):
@@ -115,6 +118,7 @@ class Params:
         for name in ("augment_translate", "dp_augment_translate"):
             check_number(getattr(self, name), f"profile parameter {name} (px)", integer=True,
                          nonnegative=True)
+        check_number(self.dp_la_tau_kept, "profile parameter dp_la_tau_kept", nonnegative=True)
         for name in ("proposed_image_size", "proposed_colour_epochs"):
             check_number(getattr(self, name), f"profile parameter {name}", integer=True,
                          positive=True, optional=True)
@@ -296,7 +300,8 @@ def _dp(p: Params, optimizer: str, backbone: Optional[str] = None,
     net, eps = backbone or p.backbones[0], p.epsilons[0] if target_epsilon is None else target_epsilon
     return _end_to_end(p, backbone=net, dp=True, target_epsilon=eps,
                        epochs=p.dp_epochs_at(eps), batch_size=p.dp_batch_size,
-                       logit_adjust=p.dp_logit_adjust, la_tau=p.dp_la_tau, ema_decay=p.dp_ema,
+                       logit_adjust=p.dp_logit_adjust, la_tau=p.dp_la_tau,
+                       la_tau_kept=p.dp_la_tau_kept if p.dp_logit_adjust else 0.0, ema_decay=p.dp_ema,
                        aug_mult=p.dp_aug_mult, augment_translate=p.dp_augment_translate,
                        optimizer=optimizer, lr=p.dp_lr(net, optimizer), **over)
 
@@ -516,8 +521,8 @@ def attack_nonprivate_no_augmentation(p: Params) -> RunConfig:
 
 def _plain_dp(cfg: RunConfig) -> RunConfig:
     """The plain DP baseline (no levers, no shifts), as the attacks chapter measures it."""
-    return cfg.replace(logit_adjust=False, la_tau=1.0, ema_decay=None, aug_mult=1,
-                       augment_translate=0)
+    return cfg.replace(logit_adjust=False, la_tau=1.0, la_tau_kept=0.0, ema_decay=None,
+                       aug_mult=1, augment_translate=0)
 
 
 @_recipe("attack/dp-sgd", "DP-SGD", PROPOSED)

@@ -19,6 +19,8 @@ in :mod:`.frontends`, their heads in :mod:`.backbones`; the losses and averages 
    The class prior pi comes from a class histogram released once with the Gaussian
    mechanism (L2 sensitivity 1 under add/remove of one image, noise std ``hist_noise``);
    that release is composed with DP-SGD in the accountant as the step (hist_noise, q=1, 1).
+   ``la_tau_kept`` keeps part of the prior in the released predictor's logits
+   (:func:`kept_prior_shift`; post-processing of the histogram).
 3. ``ema_decay`` -- an exponential moving average of the iterates (post-processing: free),
    which averages out DP noise in the final model.
 4. ``aug_mult=K`` -- augmentation multiplicity (De et al. 2022): each sample's gradient is
@@ -122,14 +124,27 @@ def balanced_weights(counts: np.ndarray, floor: float = 1.0) -> np.ndarray:
 
 
 class LogitAdjustedLoss(nn.Module):
-    """CE(logits + tau * log_prior, y) (Menon et al. 2021); predict with plain logits."""
+    """CE(logits + tau * log_prior, y) (Menon et al. 2021); predict with plain logits, or with
+    logits + tau_kept * log_prior (:func:`kept_prior_shift`)."""
 
     def __init__(self, log_prior_: np.ndarray, tau: float = 1.0) -> None:
         super().__init__()
+        self.register_buffer("log_prior", torch.tensor(np.asarray(log_prior_), dtype=torch.float32))
         self.register_buffer("shift", torch.tensor(tau * np.asarray(log_prior_), dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits + self.shift, y)
+
+
+def kept_prior_shift(loss: LogitAdjustedLoss, tau_kept: float) -> torch.Tensor:
+    """The shift (C,) added to the logits of a model trained by ``loss`` at prediction:
+    ``tau_kept * log_prior``, a post-hoc logit adjustment (Menon et al. 2021, Sec. 4) on top of
+    the loss's. ``tau_kept = 0`` predicts with the plain logits (the balanced-error rule when
+    the loss's tau is 1); ``tau_kept = tau`` with the adjusted logits the loss was fitted to.
+    A model trained at tau > 1 over-predicts the rare classes; keeping part of the prior
+    trades some of that back. Under DP the prior is the released noisy histogram, so the shift
+    is post-processing: it costs no privacy."""
+    return float(tau_kept) * loss.log_prior
 
 
 class EMA:

@@ -132,12 +132,17 @@ def check_against_data(cfg: RunConfig, data: DataBundle,
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: torch.Tensor, inputs: Inputs, batch: int = 512) -> np.ndarray:
-    """Softmax probabilities (N, C) of stored rows ``x`` (images or features)."""
+def predict_proba(model: nn.Module, x: torch.Tensor, inputs: Inputs, batch: int = 512,
+                  logit_shift: Optional[torch.Tensor] = None) -> np.ndarray:
+    """Softmax probabilities (N, C) of stored rows ``x`` (images or features), of the logits
+    plus ``logit_shift`` (C,) when given (:func:`.technique.kept_prior_shift`)."""
     model.eval()
     out = []
     for i in range(0, len(x), batch):
-        out.append(torch.softmax(model(inputs.eval(x[i:i + batch])).float(), dim=1).cpu())
+        z = model(inputs.eval(x[i:i + batch])).float()
+        if logit_shift is not None:
+            z = z + logit_shift.to(z.device)
+        out.append(torch.softmax(z, dim=1).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)))
 
 
@@ -180,6 +185,7 @@ class TrainingSetup:
     units: Optional[torch.Tensor] = None  # (N,) privacy unit of each image (lesion-level DP)
     n_units: int = 0              # privacy units of the training split (images or lesions)
     grad_sample_mode: Optional[str] = None  # the per-sample gradient engine used (DP only)
+    logit_shift: Optional[torch.Tensor] = None  # added to the logits at prediction (la_tau_kept)
 
 
 def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
@@ -405,6 +411,14 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
         unit_labels = np.array([np.bincount(data.y_train[g]).argmax() for g in groups])
     criterion, prefix, released = build_criterion(cfg, data, device, dp_seed, unit_labels,
                                                   prior_counts)
+    logit_shift = None
+    if cfg.la_tau_kept > 0:  # validate() allows it only with a DP logit-adjusted loss
+        from .technique import kept_prior_shift
+
+        logit_shift = kept_prior_shift(criterion, cfg.la_tau_kept)
+        # post-processing of the noisy histogram: the released predictor is the network plus it
+        released = {**released, "prediction_logit_shift": {
+            "la_tau_kept": cfg.la_tau_kept, "shift": logit_shift.cpu().tolist()}}
     if cfg.feature_norm != "none":
         if train_x is None:
             train_x = FRONT_ENDS.get(cfg.features).rows(data.x_train, cfg)
@@ -437,7 +451,7 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
         ema = EMA(_unwrapped(model), cfg.ema_decay)
     return TrainingSetup(model, optimizer, loader, scheduler, criterion, engine, sigma, q,
                          steps_per_epoch, g_sample, g_noise, g_aug, eval_model, ema, prefix,
-                         released, dp_seed, units, n_units, mode)
+                         released, dp_seed, units, n_units, mode, logit_shift)
 
 
 # --------------------------------------------------------------------------- the session
@@ -647,7 +661,8 @@ def validate(s: Session, epoch: int) -> float:
     st = s.setup
     st.eval_model.load_state_dict(_evaluated_state(s))
     eps = s.eps
-    val_metrics = evaluate(s.data.y_val, predict_proba(st.eval_model, s.inputs.val_x, s.inputs))
+    val_metrics = evaluate(s.data.y_val, predict_proba(st.eval_model, s.inputs.val_x, s.inputs,
+                                                       logit_shift=st.logit_shift))
     s.log(epoch, "val", val_metrics, eps)
     score = val_metrics["balanced_accuracy"]
     if val_metrics["predicted_classes"] <= 1:  # a constant predictor: say so in the record
@@ -705,7 +720,7 @@ def finish(s: Session) -> RunResult:
     steps_taken = (int(sum(h[2] for h in st.engine.accountant.history[len(st.prefix_history):]))
                    if st.engine is not None else s.epoch * st.steps_per_epoch)
     y_ev = getattr(data, f"y_{cfg.eval_split}")
-    probs = predict_proba(st.eval_model, s.inputs.eval_x, s.inputs)
+    probs = predict_proba(st.eval_model, s.inputs.eval_x, s.inputs, logit_shift=st.logit_shift)
     final = evaluate(y_ev, probs)
     s.log(eval_epoch, cfg.eval_split, final, eps)
     split_meta = data.meta[data.meta["split"] == cfg.eval_split].reset_index(drop=True)
