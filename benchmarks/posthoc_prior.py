@@ -52,7 +52,8 @@ def run_rows(run_dir: Path, kept: list, backbone: str | None, split: str = "val"
     out = []
     for k in kept:
         b = balanced_accuracy(y, np.argmax(logp + k * prior, axis=1))
-        out.append({"run": run_dir.name, "backbone": cfg["backbone"], "seed": cfg["seed"],
+        out.append({"run": run_dir.name, "backbone": cfg["backbone"],
+                    "optimizer": cfg["optimizer"], "seed": cfg["seed"],
                     "target_eps": cfg["target_epsilon"], "image_size": cfg["image_size"],
                     "batch_size": cfg["batch_size"], "epochs": cfg["epochs"],
                     "ema_decay": cfg["ema_decay"], "augment_translate": cfg["augment_translate"],
@@ -76,7 +77,8 @@ def main() -> None:
     root = Path(a.runs)
     if not root.is_dir():
         raise SystemExit(f"--runs {root}: no such folder")
-    rows = [r for d in sorted(root.iterdir()) if d.is_dir() for r in run_rows(d, kept, a.backbone, a.split)]
+    rows = [r for d in sorted(root.iterdir()) if d.is_dir()
+            for r in run_rows(d, kept, a.backbone, a.split)]
     if not rows:
         raise SystemExit(f"{root}: no finished logit-adjusted DP run evaluated on {a.split}")
     df = pd.DataFrame(rows)
@@ -84,13 +86,14 @@ def main() -> None:
     df["gain"] = df["bacc"] - df["run"].map(base)
     if a.out:
         df.to_csv(a.out, index=False)
-    setting = ["backbone", "target_eps", "image_size", "batch_size", "epochs", "ema_decay",
-               "augment_translate", "aug_mult", "la_tau"]
+    setting = ["backbone", "optimizer", "target_eps", "image_size", "batch_size", "epochs",
+               "ema_decay", "augment_translate", "aug_mult", "la_tau"]
     g = df.groupby(setting + ["kept"], dropna=False)
     summary = g.agg(n=("run", "size"), bacc=("bacc", "mean"), gain=("gain", "mean"),
                     gained=("gain", lambda s: int((s > 0).sum())))
     print(summary.round(3).to_string())
-    at = df[(df.la_tau == 2.0) & (df.kept > 0)].groupby(["target_eps", "image_size", "kept"])
+    at = df[(df.la_tau == 2.0) & (df.kept > 0)].groupby(["optimizer", "target_eps", "image_size",
+                                                            "kept"])
     print("\nevery run trained at tau = 2, by budget and side:")
     print(at.agg(n=("run", "size"), gain=("gain", "mean"),
                  gained=("gain", lambda s: int((s > 0).sum()))).round(3).to_string())

@@ -213,8 +213,11 @@ def train(cfg: RunConfig, spec: MpleSpec = MpleSpec(), runs_root: Optional[PathL
     model.load_state_dict(weights)
     model.eval()
     pick = heldout_members(len(ys["train"]), len(ys["test"]), cfg.seed)
+    # the released predictor: the network plus the shift of a run that kept part of its prior
+    kept = result.meta.get("released_before_training", {}).get("prediction_logit_shift")
+    shift = np.asarray(kept["shift"], dtype=np.float64) if kept else 0.0
     with torch.no_grad():
-        lm, lo = (model(torch.from_numpy(f)).double().numpy()
+        lm, lo = (model(torch.from_numpy(f)).double().numpy() + shift
                   for f in (feats["train"][pick], feats["test"][:len(pick)]))
     mia = loss_threshold_game(lm, ys["train"][pick], lo, ys["test"][:len(pick)])
     write_json(mia_path, mia)
