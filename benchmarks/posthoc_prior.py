@@ -26,6 +26,7 @@ import pandas as pd
 from dpskin_core.constants import CLASSES
 from dpskin_core.files import read_json
 from dpskin_core.training.metrics import balanced_accuracy
+from dpskin_core.training.records import RELEASED_KEY, prediction_shift
 from dpskin_core.training.technique import log_prior
 
 
@@ -41,13 +42,13 @@ def run_rows(run_dir: Path, kept: list, backbone: str | None, split: str = "val"
         return []
     if cfg["eval_split"] != split:
         return []
-    released = meta["released_before_training"]
+    released = meta[RELEASED_KEY]
     prior = log_prior(np.asarray(released["class_histogram"], dtype=np.float64))
     pred = pd.read_csv(run_dir / "predictions.csv")
     logp = np.log(np.clip(pred[[f"prob_{c}" for c in CLASSES]].to_numpy(), 1e-300, None))
-    own = released.get("prediction_logit_shift")
-    if own:  # back to the network's own logits (up to a per-image constant)
-        logp = logp - np.asarray(own["shift"], dtype=np.float64)
+    own = prediction_shift(meta)
+    if own is not None:  # back to the network's own logits (up to a per-image constant)
+        logp = logp - own
     y = pred["label"].to_numpy()
     out = []
     for k in kept:

@@ -31,7 +31,10 @@
 #   non-private;
 # - **FedAvg with record-level DP**: every site trains by DP-SGD with its own accountant, at
 #   each budget ε: the privacy-accuracy trade-off that Vision Through the Veil
-#   {cite:p}`nampalle2023veil` studies for medical image classification;
+#   {cite:p}`nampalle2023veil` studies for medical image classification. The profile's DP
+#   recipe, noisy class prior included: a site that keeps part of its prior at prediction
+#   (`dp_la_tau_kept`) scores the global model with its logits shifted by that share of its own
+#   noisy histogram, the predictor it would deploy (post-processing of its counted release);
 # - **DP-FedAvg**, client-level DP {cite:p}`mcmahan2018dpfedavg`: the server samples the
 #   clients of each round (Poisson, by its secret), clips every update and noises their sum
 #   (Flower's `DifferentialPrivacyServerSideFixedClipping` wrapper around a FedAvg with every

@@ -19,6 +19,8 @@ from dpskin_core.federated.federation import federation_dir, serve
 from dpskin_core.federated.partitions import SYNTHETIC_SITES, class_table
 from dpskin_core.federated.strategies import weights
 from dpskin_core.training import RunConfig
+from dpskin_core.training.records import RELEASED_KEY, prediction_shift
+from dpskin_core.training.technique import log_prior
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +122,13 @@ def test_fl_config_round_trip_and_refusals():
         FLConfig(rounds=0)
     with pytest.raises(ConfigError, match="server_lr must be a finite number"):
         FLConfig(server_lr=float("inf"))
-    with pytest.raises(ConfigError, match="run.la_tau_kept=0.5: a federation predicts"):
-        FLConfig(run=_run(dp=True, logit_adjust=True, la_tau_kept=0.5))
+    kept = _run(dp=True, logit_adjust=True, la_tau_kept=0.5)
+    assert FLConfig(run=kept).run.la_tau_kept == 0.5  # each client keeps its own noisy prior
+    with pytest.raises(ConfigError, match="la_tau_kept=0.5: a client keeps .* privacy_unit='image'"):
+        FLConfig(run=kept.replace(privacy_unit="lesion"))
+    with pytest.raises(ConfigError, match="groups_per_site > 1: the global model is scored at sites"):
+        FLConfig(run=kept, partition=Partition("site", groups_per_site=2))
+    assert FLConfig(run=kept, partition=Partition("site", groups_per_site=2), prior="global")
 
 
 def test_a_client_is_counted_before_its_round_and_once(tmp_path, synth, monkeypatch):
@@ -157,13 +164,13 @@ def test_the_server_survives_a_failed_client_and_refuses_too_few(tmp_path, synth
         out.update({c.name: DataError(f"site {c.name}: images missing") for c in clients[:bad]})
         return out
 
-    res = serve(cfg, tmp_path / "fed", names, fit_all, lambda w: {})
+    res = serve(cfg, tmp_path / "fed", names, fit_all, lambda w, p: {})
     rows = res.rounds.set_index("client")
     assert rows.loc[names[0], "status"] == "failed" and "images missing" in rows.loc[names[0], "error"]
     assert (rows.loc[names[1:], "status"] == "ok").all()
     assert not torch.equal(res.weights["classifier.weight"], w0["classifier.weight"])
     with pytest.raises(FederationError, match="fewer than min_clients=2"):
-        serve(cfg, tmp_path / "fed2", names, lambda r, w, a, p: fit_all(r, w, a, p, bad=3), lambda w: {})
+        serve(cfg, tmp_path / "fed2", names, lambda r, w, a, p: fit_all(r, w, a, p, bad=3), lambda w, p: {})
     assert json.loads((tmp_path / "fed2" / "meta.json").read_text())["status"] == "failed"
 
 
@@ -209,13 +216,19 @@ def test_the_summed_prior_over_flower_is_the_in_process_one(tmp_path):
     logit-adjusted loss shifts the test NLL, so no NLL-improvement check here)."""
     from dpskin_core.federated.deploy import deploy
 
-    cfg = FLConfig(name="ci-prior", run=_run(dp=True, logit_adjust=True), rounds=1, prior="global")
+    cfg = FLConfig(name="ci-prior", run=_run(dp=True, logit_adjust=True, la_tau_kept=0.5), rounds=1,
+                   prior="global")
     data = load_data(DataSpec("synthetic", None, 16, synth_n=400))
     res = deploy(cfg, tmp_path / "deployed", startup_timeout_s=120, run_timeout_s=600, data=data)
     assert res.meta["status"] == "complete" and res.meta["privacy"]["class_prior"].startswith("the sum")
     local = run_federation(cfg, tmp_path / "local", data=data, progress=False)
     for k in res.weights:
         assert torch.allclose(res.weights[k], local.weights[k], atol=1e-5), k
+    # every client scored the global model with the kept share of the summed prior
+    cols = ["client", "balanced_accuracy", "nll"]
+    pd.testing.assert_frame_equal(res.rounds[cols].sort_values("client").reset_index(drop=True),
+                                  local.rounds[cols].sort_values("client").reset_index(drop=True),
+                                  atol=1e-4)
     prior = json.loads((res.folder / "prior.json").read_text())
     assert prior["clients"] == sorted(SYNTHETIC_SITES)
     assert prior["counts"] == pytest.approx(json.loads((local.folder / "prior.json").read_text())["counts"])
@@ -255,10 +268,43 @@ def test_the_global_prior_is_the_sum_of_the_releases_already_counted(tmp_path, s
     names = [c.name for c in clients]
     fit_all = lambda r, w, a, p: {"x": DataError("stop")}  # noqa: E731 (the prior is all we need)
     with pytest.raises(FederationError):
-        serve(fresh, tmp_path / "f", names, fit_all, lambda w: {}, False, histograms_all)
+        serve(fresh, tmp_path / "f", names, fit_all, lambda w, p: {}, False, histograms_all)
     with pytest.raises(FederationError):  # resumed: the sum is read back, not asked for again
-        serve(fresh, tmp_path / "f", names, fit_all, lambda w: {}, False, histograms_all)
+        serve(fresh, tmp_path / "f", names, fit_all, lambda w, p: {}, False, histograms_all)
     assert len(calls) == 1
+
+
+def test_each_client_scores_the_released_predictor_of_its_kept_prior(tmp_path, synth):
+    """la_tau_kept with each client's own prior: the global model is scored at a client with
+    the logits plus la_tau_kept x log(its noisy histogram), the same shift the client's
+    training computes; the weights are those of the federation that keeps none (the
+    shift is post-processing), and the membership game attacks the same predictor."""
+    from dpskin_core.federated.study import global_membership
+
+    kept = FLConfig(run=_run(dp=True, logit_adjust=True, la_tau_kept=0.5), rounds=1)
+    plain = FLConfig.from_dict({**kept.to_dict(), "run": {**kept.run.to_dict(), "la_tau_kept": 0.0}})
+    res = run_federation(kept, tmp_path, data=synth, progress=False)
+    ref = run_federation(plain, tmp_path, data=synth, progress=False)
+    for k in res.weights:
+        assert torch.equal(res.weights[k], ref.weights[k]), k
+    assert res.meta["privacy"]["prediction"].startswith("at each client, the global model's logits plus 0.5")
+    rows = res.rounds.set_index("client")
+    for c in partition(synth, kept.partition):
+        state = res.folder / "clients" / c.name
+        shift = fl_client.kept_shift(c, kept.local, state)
+        session = fl_client.start(fl_client.for_client(kept.local, c), c.data, state / "run")
+        recorded = prediction_shift({RELEASED_KEY: session.setup.released})  # as training keeps it
+        np.testing.assert_allclose(shift, recorded, atol=1e-6)
+        released = fl_client.class_histogram(c, kept.local, state)  # recorded to 0.01 of a count
+        np.testing.assert_allclose(shift, 0.5 * log_prior(released), atol=1e-3)
+        with_shift = fl_client.evaluate(c, kept.local, res.weights, shift=shift)
+        assert rows.loc[c.name, "nll"] == pytest.approx(with_shift["nll"])
+        assert with_shift["nll"] != pytest.approx(fl_client.evaluate(c, kept.local, res.weights)["nll"])
+    clients = partition(synth, kept.partition)
+    with pytest.raises(ConfigError, match="pass folder"):
+        global_membership(res.config, res.weights, clients)
+    m, m0 = (global_membership(r.config, r.weights, clients, folder=r.folder) for r in (res, ref))
+    assert not np.allclose(m["auc"], m0["auc"])
 
 
 def test_a_global_prior_needs_noisy_histograms():

@@ -219,6 +219,37 @@ def test_training_on_morphed_data_through_run(tmp_path, monkeypatch, dp):
         mt.MpleSpec("dense", 2)
 
 
+def test_the_membership_game_attacks_the_released_predictor(tmp_path, monkeypatch):
+    """A DP MpLe run that keeps part of its noisy prior (``la_tau_kept``) is attacked through
+    its released predictor: the game sees the logits of the same network as the run that keeps
+    none (seeded noise: the same training) plus exactly the shift the run recorded."""
+    from dpskin_core.mple import train as mt
+    from dpskin_core.training import RunConfig
+    from dpskin_core.training.records import prediction_shift
+
+    seen = []
+    real_game = mt.loss_threshold_game
+
+    def game(lm, ym, lo, yo):
+        seen.append((lm, lo))
+        return real_game(lm, ym, lo, yo)
+
+    monkeypatch.setattr(mt, "loss_threshold_game", game)
+    cfg = RunConfig(features="given", backbone="smallcnn_fast", epochs=1, synth_n=120,
+                    image_size=8, batch_size=16, optimizer="sgd", lr=0.5, progress=False,
+                    augment_flips=False, augment_rot90=False, dp=True, target_epsilon=8.0,
+                    delta=1e-3, dp_noise="seeded", logit_adjust=True, recipe="mple/test")
+    spec = mt.MpleSpec("block", 3)
+    plain = mt.train(cfg, spec, tmp_path)
+    kept = mt.train(cfg.replace(la_tau_kept=0.5), spec, tmp_path)
+    shift = prediction_shift(kept.result.meta)
+    assert shift is not None and prediction_shift(plain.result.meta) is None
+    (lm0, lo0), (lm1, lo1) = seen
+    np.testing.assert_allclose(lm1 - lm0, np.broadcast_to(shift, lm0.shape), atol=1e-5)
+    np.testing.assert_allclose(lo1 - lo0, np.broadcast_to(shift, lo0.shape), atol=1e-5)
+    assert kept.membership != plain.membership
+
+
 def test_the_cost_rows_count_what_they_say():
     from dpskin_core.mple.evaluate import cost
 

@@ -61,6 +61,9 @@ def test_nonprivate_run_writes_record_and_is_reused(tmp_path):
     assert again.final_metrics == pytest.approx(res.final_metrics, nan_ok=True)
     runs = records.load_runs(tmp_path)
     assert len(runs) == 1 and runs.loc[0, "method"] == "nonprivate-sgd"
+    # no run yet: an empty listing with every column a run's row has but its final metrics
+    empty = records.load_runs(tmp_path / "nothing-here")
+    assert empty.empty and set(runs.columns) - set(res.final_metrics) == set(empty.columns)
 
 
 def test_nonprivate_learns_toy_data(tmp_path):

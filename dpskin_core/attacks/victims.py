@@ -30,6 +30,7 @@ from ..training.augment import normaliser
 from ..training.backbones import build_backbone
 from ..training.checkpoint import released_weights
 from ..training.frontends import FRONT_ENDS
+from ..training.records import prediction_shift
 from .arrays import as_array, same_length
 
 PathLike = Union[str, Path]
@@ -96,8 +97,8 @@ class TrainedModel:
         prediction shift when it kept part of its class prior (``la_tau_kept``)."""
         out = [self.model(self.encode(x[i:i + batch])).double().cpu() for i in range(0, len(x), batch)]
         z = torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)))
-        kept = (self.meta.get("released_before_training") or {}).get("prediction_logit_shift")
-        return z + np.asarray(kept["shift"], dtype=np.float64) if kept else z
+        shift = prediction_shift(self.meta)
+        return z if shift is None else z + shift
 
     def view_logits(self, x: np.ndarray, views: int = 1) -> np.ndarray:
         """Outputs on the first ``views`` dihedral views of each image: (N, V, C)."""

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..errors import DpskinError
 from ..files import read_json
-from .client import FitResult, class_histogram, evaluate, fit
+from .client import FitResult, class_histogram, evaluate, fit, kept_shift
 from .federation import FederationError, FLConfig, record_failure, serve
 from .partitions import Client
 
@@ -89,9 +89,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @client_app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
-    cfg, _ = _config(context)
+    cfg, folder = _config(context)
     c = _client(context)
-    m = evaluate(c, cfg.local, msg.content["arrays"].to_torch_state_dict())
+    prior = msg.content["config"].get("prior") if "config" in msg.content else None
+    shift = kept_shift(c, cfg.local, _state_dir(context, folder, c.name),
+                       None if prior is None else np.asarray(json.loads(str(prior))))
+    m = evaluate(c, cfg.local, msg.content["arrays"].to_torch_state_dict(), shift=shift)
     return Message(RecordDict({"client": ConfigRecord({"name": c.name}),
                                "metrics": MetricRecord({k: float(v) for k, v in m.items()})}),
                    reply_to=msg)
@@ -176,8 +179,10 @@ def _main(grid: Grid, context: Context, cfg: FLConfig, folder: Path) -> None:
                                   None if n is None else int(n), None, hist)
         return out
 
-    def evaluate_all(weights) -> Dict[str, Dict[str, float]]:
+    def evaluate_all(weights, prior: Optional[np.ndarray]) -> Dict[str, Dict[str, float]]:
         content = RecordDict({"arrays": ArrayRecord(torch_state_dict=weights)})
+        if prior is not None:  # the clients keep part of the federation's prior at prediction
+            content["config"] = ConfigRecord({"prior": json.dumps(np.asarray(prior).tolist())})
         replies = _send(grid, sorted(names), MessageType.EVALUATE, content, -1, cfg.round_timeout_s)
         return {names[n]: dict(m.content["metrics"]) for n, m in replies.items()
                 if not m.has_error() and n in names}

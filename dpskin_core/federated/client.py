@@ -13,7 +13,10 @@ secret.json``), so a round run by a new process draws the same streams.
 
 A DP client reports no image count (private; the server weights it equally, see
 :mod:`.strategies`). Evaluation metrics of the global model on the client's test split are
-reported as in every chapter (not counted in eps).
+reported as in every chapter (not counted in eps). A client whose recipe keeps part of its class
+prior at prediction (``la_tau_kept``) scores the global model as its released predictor: the
+global logits plus ``la_tau_kept`` times the log of the prior it trains with (:func:`kept_shift`),
+post-processing of a histogram already counted.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from ..training.backbones import build_backbone
 from ..training.checkpoint import StateDict
 from ..training.frontends import Inputs
 from ..training.metrics import evaluate as classification_metrics
+from ..training.technique import kept_prior_shift
 from ..training.distributed import unwrap
 from ..training.trainer import pick_device, predict_proba, prefix_history, start, train_one_epoch
 from .partitions import Client
@@ -86,11 +90,10 @@ def noise_multiplier(state_dir: Path) -> Optional[float]:
     return float(rounds[min(rounds, key=int)][0]) if rounds else None
 
 
-def class_histogram(client: Client, cfg: RunConfig, state_dir: Path) -> np.ndarray:
-    """The client's noisy class histogram, released once to the server for the federation's
-    global prior: the very release its own logit adjustment would make (same mechanism, same
-    noise from the client's secret seed), so it is the histogram step its accountant already
-    counts (:func:`.training.trainer.prefix_history`), not a second release."""
+def _criterion(client: Client, cfg: RunConfig, state_dir: Path,
+               prior_counts: Optional[np.ndarray] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """(logit-adjusted loss, its record) as the client's training builds them: the noisy
+    histogram drawn with the client's secret seed (the same noise as its rounds draw)."""
     from ..training.checkpoint import dp_seed
     from ..training.trainer import build_criterion
 
@@ -98,12 +101,34 @@ def class_histogram(client: Client, cfg: RunConfig, state_dir: Path) -> np.ndarr
         raise ConfigError(f"client {client.name}: a class histogram is released only by a DP client "
                           "with logit_adjust (its noisy histogram, counted in its eps)")
     if cfg.privacy_unit != "image":
-        raise ConfigError(f"client {client.name}: the federation's global prior counts images; "
+        raise ConfigError(f"client {client.name}: the federation's class priors count images; "
                           f"privacy_unit={cfg.privacy_unit!r} is not supported")
     cfg = for_client(cfg, client)
     seed = dp_seed(Path(state_dir) / "run" / "checkpoints", cfg.dp_noise, cfg.seed)
-    _, _, released = build_criterion(cfg, client.data, torch.device("cpu"), seed)
-    return np.asarray(released["class_histogram"], dtype=np.float64)
+    criterion, _, released = build_criterion(cfg, client.data, torch.device("cpu"), seed,
+                                             prior_counts=prior_counts)
+    return criterion, released
+
+
+def class_histogram(client: Client, cfg: RunConfig, state_dir: Path) -> np.ndarray:
+    """The client's noisy class histogram, released once to the server for the federation's
+    global prior: the very release its own logit adjustment would make (same mechanism, same
+    noise from the client's secret seed), so it is the histogram step its accountant already
+    counts (:func:`.training.trainer.prefix_history`), not a second release."""
+    return np.asarray(_criterion(client, cfg, state_dir)[1]["class_histogram"], dtype=np.float64)
+
+
+def kept_shift(client: Client, cfg: RunConfig, state_dir: Path,
+               prior_counts: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+    """The shift (C,) the client's released predictor adds to the global model's logits:
+    ``la_tau_kept`` times the log of the prior its training adjusts by, the federation's
+    (``prior_counts``, ``prior='global'``) or else its own noisy histogram (the release its
+    accountant counts); None when it keeps none. Built by the client's own loss, so it is the
+    shift its training computes (:func:`dpskin_core.training.technique.kept_prior_shift`)."""
+    if cfg.la_tau_kept <= 0:
+        return None
+    criterion, _ = _criterion(client, cfg, state_dir, prior_counts)
+    return kept_prior_shift(criterion, cfg.la_tau_kept).double().numpy()
 
 
 def fit(client: Client, cfg: RunConfig, global_weights: Optional[StateDict], rnd: int,
@@ -140,8 +165,11 @@ def fit(client: Client, cfg: RunConfig, global_weights: Optional[StateDict], rnd
 
 
 @torch.no_grad()
-def evaluate(client: Client, cfg: RunConfig, weights: StateDict, split: str = "test") -> Dict[str, float]:
-    """Metrics of ``weights`` on the client's ``split`` (val or test)."""
+def evaluate(client: Client, cfg: RunConfig, weights: StateDict, split: str = "test",
+             shift: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """Metrics of ``weights`` on the client's ``split`` (val or test); the logits plus ``shift``
+    (C,) when given (the released predictor of a run that kept part of its prior:
+    :func:`kept_shift`, :func:`dpskin_core.training.records.prediction_shift`)."""
     if split not in ("val", "test"):
         raise ConfigError(f"evaluate: split must be 'val' or 'test', got {split!r}")
     device = pick_device(cfg.device)
@@ -151,7 +179,9 @@ def evaluate(client: Client, cfg: RunConfig, weights: StateDict, split: str = "t
     y = getattr(client.data, f"y_{split}")
     if len(y) == 0:
         return {"n": 0}
-    out = classification_metrics(y, predict_proba(model, inputs.eval_x, inputs))
+    logit_shift = None if shift is None else torch.as_tensor(shift, dtype=torch.float32)
+    probs = predict_proba(model, inputs.eval_x, inputs, logit_shift=logit_shift)
+    out = classification_metrics(y, probs)
     return {**{k: float(v) for k, v in out.items() if np.isscalar(v)}, "n": int(len(y))}
 
 
@@ -163,4 +193,5 @@ def initial_weights(cfg: RunConfig) -> StateDict:
     return build_backbone(cfg.backbone, num_classes=len(CLASSES)).state_dict()
 
 
-__all__ = ["FitResult", "client_config", "evaluate", "fit", "for_client", "initial_weights", "noise_multiplier", "spent"]
+__all__ = ["FitResult", "client_config", "evaluate", "fit", "for_client", "initial_weights",
+           "kept_shift", "noise_multiplier", "spent"]

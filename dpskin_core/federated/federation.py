@@ -52,7 +52,8 @@ from ..training.checkpoint import StateDict
 from ..training.records import code_version, default_runs_root, git_commit, package_versions
 from ..training.checkpoint import dp_seed
 from . import client_level
-from .client import FitResult, class_histogram, client_config, evaluate, fit, initial_weights
+from .client import (FitResult, class_histogram, client_config, evaluate, fit, initial_weights,
+                     kept_shift)
 from .client_level import ClientDP
 from .partitions import Client, Partition, partition
 from .strategies import STRATEGIES, Strategy
@@ -117,9 +118,16 @@ class FLConfig:
                                   "(record-level DP-SGD at every client) are both set; choose one")
         if self.prior not in PRIORS:
             raise ConfigError(f"federation prior: {self.prior!r} is not one of {', '.join(PRIORS)}")
-        if self.run.la_tau_kept > 0:  # the global model is evaluated with its plain logits
-            raise ConfigError(f"federation run.la_tau_kept={self.run.la_tau_kept}: a federation "
-                              "predicts with the global model's plain logits; set it to 0")
+        if self.run.la_tau_kept > 0 and self.run.privacy_unit != "image":
+            raise ConfigError(f"federation run.la_tau_kept={self.run.la_tau_kept}: a client keeps "
+                              "the prior of its noisy image histogram; it needs "
+                              "privacy_unit='image'")
+        if (self.run.la_tau_kept > 0 and self.prior == "local"
+                and self.partition.groups_per_site > 1):
+            raise ConfigError(f"federation run.la_tau_kept={self.run.la_tau_kept} with "
+                              "prior='local' and partition.groups_per_site > 1: the global model "
+                              "is scored at sites, which hold no histogram of their own; use "
+                              "prior='global'")
         if self.prior == "global" and not (self.run.dp and self.run.logit_adjust
                                            and self.run.privacy_unit == "image"):
             raise ConfigError("federation prior='global' sums the clients' noisy class histograms: "
@@ -191,7 +199,8 @@ def federation_dir(cfg: FLConfig, runs_root: Optional[PathLike] = None) -> Path:
 #: -> name -> reply or error
 FitAll = Callable[[int, StateDict, List[str], Optional[np.ndarray]],
                   Dict[str, Union[FitResult, BaseException]]]
-EvaluateAll = Callable[[StateDict], Dict[str, Dict[str, float]]]
+#: (global weights, the global class prior or None) -> name -> metrics of the global model
+EvaluateAll = Callable[[StateDict, Optional[np.ndarray]], Dict[str, Dict[str, float]]]
 #: () -> name -> the client's noisy class histogram, or the error it failed with
 HistogramAll = Callable[[], Dict[str, Union[np.ndarray, BaseException]]]
 
@@ -235,6 +244,9 @@ def _privacy(cfg: FLConfig, eps: Dict[str, Optional[float]], sigma: Optional[flo
                              "global": "the sum of the clients' noisy class histograms (each counted "
                                        "in its client's eps; the sum is post-processing)"}[cfg.prior]
                             if cfg.run.logit_adjust else None),
+            "prediction": (f"at each client, the global model's logits plus "
+                           f"{cfg.run.la_tau_kept:g} x log(the class prior above): post-processing"
+                           if cfg.run.la_tau_kept > 0 else "the global model's logits"),
             "not_counted": "the clients' test metrics of the global model (reported for the book)"}
 
 
@@ -350,7 +362,7 @@ def serve(cfg: FLConfig, folder: Path, clients: List[str], fit_all: FitAll,
             for n, r in ok.items():  # the server's own accountant over what the client reports
                 eps[n] = (float(privacy.epsilon(r.history, cfg.run.delta, cfg.run.accountant))
                           if cfg.run.dp else None)
-        scores = evaluate_all(weights)
+        scores = evaluate_all(weights, prior)
         for n in (clients if set(scores) <= set(clients) else sorted(scores)):
             if cdp is not None:
                 status = "secret"
@@ -405,8 +417,12 @@ def run_federation(cfg: FLConfig, runs_root: Optional[PathLike] = None, *, data=
         return {n: fit(by_name[n], local, weights, rnd, cfg.local_epochs, folder / "clients" / n,
                        prior) for n in sorted(asked)}
 
-    def evaluate_all(weights: StateDict) -> Dict[str, Dict[str, float]]:
-        return {n: evaluate(c, local, weights) for n, c in scored.items()}
+    def evaluate_all(weights: StateDict,
+                     prior: Optional[np.ndarray]) -> Dict[str, Dict[str, float]]:
+        # a site of virtual clients (groups_per_site > 1) keeps a prior only under prior='global'
+        return {n: evaluate(c, local, weights,
+                            shift=kept_shift(c, local, folder / "clients" / n, prior))
+                for n, c in scored.items()}
 
     def histograms_all() -> Dict[str, Union[np.ndarray, BaseException]]:
         out: Dict[str, Union[np.ndarray, BaseException]] = {}

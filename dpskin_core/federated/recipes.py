@@ -79,13 +79,10 @@ def _register(name: str, label: str, level: str):
     return deco
 
 
-def _base(p: Params, plan: FLPlan, recipe: str, run_over: Optional[dict] = None,
-          **over) -> FLConfig:
+def _base(p: Params, plan: FLPlan, recipe: str, **over) -> FLConfig:
     r = RECIPES.get(recipe)
     kw = {"backbone": p.backbones[0]} if "backbone" in r.axes else {}
     run = r.config(p, seed=0, **kw, **({"target_epsilon": p.epsilons[0]} if r.private else {}))
-    if run_over:
-        run = run.replace(**run_over)
     return FLConfig(run=run, rounds=plan.rounds, local_epochs=plan.local_epochs,
                     **{"partition": Partition("site"), **over})
 
@@ -109,9 +106,9 @@ def fedadam(p: Params, plan: FLPlan) -> FLConfig:
 
 @_register("fedavg-dp", "FedAvg, record-level DP-SGD", "record")
 def fedavg_dp(p: Params, plan: FLPlan) -> FLConfig:
-    """FedAvg of DP-SGD clients (the profile's DP recipe, its noisy class prior included; the
-    global model predicts by its plain logits, so none of the prior is kept at prediction)."""
-    return _base(p, plan, "dp-sgd", run_over={"la_tau_kept": 0.0})
+    """FedAvg of DP-SGD clients (the profile's DP recipe, its noisy class prior included: each
+    client adjusts by, and keeps at prediction the profile's share of, its own noisy histogram)."""
+    return _base(p, plan, "dp-sgd")
 
 
 @_register("fedavg-client-dp-sites", "DP-FedAvg, 4 sites", "client")

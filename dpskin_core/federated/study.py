@@ -23,13 +23,14 @@ from typing import List, Optional, Sequence, Union
 
 import pandas as pd
 
+from ..errors import ConfigError
 from ..training import run
 from ..training.checkpoint import released_weights
-from ..training.records import default_runs_root
+from ..training.records import default_runs_root, prediction_shift
 from ..training.quiet import benign_warnings_silenced
 from ..training.recipes import RECIPES, Params
-from .client import evaluate, for_client
-from .federation import FLConfig, run_federation
+from .client import evaluate, for_client, kept_shift
+from .federation import FLConfig, global_prior, run_federation
 from .partitions import Client
 from .recipes import FL_RECIPES, FLPlan
 
@@ -48,13 +49,14 @@ def _weights(result):
 
 def pooled(cfg: FLConfig, clients: List[Client], runs_root: Optional[PathLike] = None, *,
            data=None) -> pd.DataFrame:
-    """One row per client: the pooled model's metrics on its test part."""
+    """One row per client: the pooled model's metrics on its test part (its released
+    predictor: plus the run's kept prior shift, if any)."""
     local = cfg.local
     with benign_warnings_silenced():
         res = run(local, _root(runs_root) / "pooled", data=data)
-    w = _weights(res)
+    w, shift = _weights(res), prediction_shift(res.meta)
     return pd.DataFrame([{"client": c.name, "training": "pooled", "epsilon": res.epsilon,
-                          **evaluate(c, local, w)} for c in clients])
+                          **evaluate(c, local, w, shift=shift)} for c in clients])
 
 
 def local_only(cfg: FLConfig, clients: List[Client], runs_root: Optional[PathLike] = None) -> pd.DataFrame:
@@ -65,7 +67,7 @@ def local_only(cfg: FLConfig, clients: List[Client], runs_root: Optional[PathLik
         with benign_warnings_silenced():
             res = run(local_c, _root(runs_root) / "local" / c.name, data=c.data)
         rows.append({"client": c.name, "training": "local only", "epsilon": res.epsilon,
-                     **evaluate(c, local_c, _weights(res))})
+                     **evaluate(c, local_c, _weights(res), shift=prediction_shift(res.meta))})
     return pd.DataFrame(rows)
 
 
@@ -85,10 +87,13 @@ def pooled_converged(p: Params, clients: List[Client], seeds: Sequence[int],
     return pd.DataFrame(rows)
 
 
-def global_membership(cfg: FLConfig, weights, clients: List[Client], seed: int = 0) -> pd.DataFrame:
+def global_membership(cfg: FLConfig, weights, clients: List[Client], seed: int = 0,
+                      folder: Optional[Path] = None) -> pd.DataFrame:
     """Loss-threshold membership inference (Yeom et al. 2018) on the global model, at each
     client: as many of its training images (random, public seed) as its test images, members
-    vs non-members; one row per client (AUC, TPR at 1 % FPR)."""
+    vs non-members; one row per client (AUC, TPR at 1 % FPR). The model attacked is each
+    client's released predictor: with the client's kept prior shift when its recipe keeps one
+    (``la_tau_kept``; then ``folder``, the federation's record, is needed)."""
     import torch
 
     from ..attacks.membership import heldout_members, loss_threshold_game
@@ -98,6 +103,11 @@ def global_membership(cfg: FLConfig, weights, clients: List[Client], seed: int =
     from ..training.trainer import pick_device
 
     local = cfg.local
+    keeps = local.la_tau_kept > 0
+    if keeps and folder is None:
+        raise ConfigError("global_membership: the clients keep part of their class prior "
+                          "(la_tau_kept > 0); pass folder, the federation's record")
+    prior = global_prior(cfg, Path(folder), None) if keeps else None
     device = pick_device(local.device)
     model = build_backbone(local.backbone, num_classes=len(CLASSES)).to(device)
     model.load_state_dict(weights)
@@ -112,6 +122,9 @@ def global_membership(cfg: FLConfig, weights, clients: List[Client], seed: int =
         with torch.no_grad():
             lm, lo = (model(inputs.eval(x)).double().cpu().numpy()
                       for x in (inputs.train_x[torch.as_tensor(pick)], inputs.eval_x[:n]))
+        if keeps:
+            shift = kept_shift(c, local, Path(folder) / "clients" / c.name, prior)
+            lm, lo = lm + shift, lo + shift
         m = loss_threshold_game(lm, c.data.y_train[pick], lo, c.data.y_test[:n])
         rows.append({"client": c.name, "n_members": n, "auc": m["auc"],
                      "tpr_at_1%_fpr": m["tpr_at_fpr_0.01"]})
@@ -186,7 +199,8 @@ def sweep(p, plan: FLPlan, seeds: Sequence[int], epsilons: Sequence[float],
                                          budget=f"ε = {eps:g}" if eps else "∞")
                 out.append(rows)
                 if with_membership is not None:
-                    mia = global_membership(res.config, res.weights, with_membership, seed)
+                    mia = global_membership(res.config, res.weights, with_membership, seed,
+                                            folder=res.folder)
                     with_membership_rows.append(mia.assign(training=r.label, seed=seed,
                                                            budget=rows["budget"].iloc[0]))
                 if verbose:

@@ -44,7 +44,8 @@ from ..training.augment import normaliser, to_float
 from ..training.backbones import build_backbone
 from ..training.checkpoint import dp_seed, released_weights
 from ..training.quiet import benign_warnings_silenced
-from ..training.records import default_runs_root, is_complete, load_run, run_dir_for
+from ..training.records import (default_runs_root, is_complete, load_run, prediction_shift,
+                                run_dir_for)
 from ..training.trainer import check_against_data, data_spec, init_seed
 from .keys import KEY_KINDS, KeySpec, MorphKey, make_key
 from .layer import build_mple, split_first_conv
@@ -214,8 +215,8 @@ def train(cfg: RunConfig, spec: MpleSpec = MpleSpec(), runs_root: Optional[PathL
     model.eval()
     pick = heldout_members(len(ys["train"]), len(ys["test"]), cfg.seed)
     # the released predictor: the network plus the shift of a run that kept part of its prior
-    kept = result.meta.get("released_before_training", {}).get("prediction_logit_shift")
-    shift = np.asarray(kept["shift"], dtype=np.float64) if kept else 0.0
+    shift = prediction_shift(result.meta)
+    shift = 0.0 if shift is None else shift
     with torch.no_grad():
         lm, lo = (model(torch.from_numpy(f)).double().numpy() + shift
                   for f in (feats["train"][pick], feats["test"][:len(pick)]))

@@ -20,9 +20,11 @@ import os
 import platform
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import pandas as pd
 
 from ..errors import RunLockedError
@@ -32,6 +34,16 @@ from .config import RunConfig
 PathLike = Union[str, Path]
 _PKG_DIR = Path(__file__).resolve().parent.parent  # dpskin_core/
 METRIC_COLUMNS = ["run", "seed", "epoch", "split", "metric", "value", "eps", "delta", "noise_multiplier"]
+#: meta.json fields copied into each row of :func:`load_runs`
+RUN_META_FIELDS = ("epsilon", "noise_multiplier", "sample_rate", "steps", "wall_time_s",
+                   "train_images_per_s", "peak_memory_mb", "code_version", "eval_epoch",
+                   "collapsed")
+#: meta.json: what a run released about its training data before its first step (noisy class
+#: histogram, noisy feature statistics; each counted in its eps), and what is computed from it
+RELEASED_KEY = "released_before_training"
+#: in ``RELEASED_KEY``: the released predictor's logit shift (``la_tau_kept``), a function of the
+#: noisy histogram beside it (post-processing, not a release of its own)
+SHIFT_KEY = "prediction_logit_shift"
 
 
 def default_runs_root() -> Path:
@@ -211,9 +223,7 @@ def run_row(d: Path, cfg: Dict[str, Any], meta: Dict[str, Any]) -> Dict[str, Any
     """The row of :func:`load_runs` for one run folder ``d`` (its config and meta read)."""
     row = {"run": d.name, "run_dir": str(d), "status": meta.get("status"), **cfg}
     row["method"] = meta.get("method")
-    for k in ("epsilon", "noise_multiplier", "sample_rate", "steps", "wall_time_s",
-              "train_images_per_s", "peak_memory_mb", "code_version", "eval_epoch",
-              "collapsed"):
+    for k in RUN_META_FIELDS:
         row[k] = meta.get(k)
     row["n_units"] = (meta.get("privacy") or {}).get("n_units")
     for k, v in (meta.get("final_metrics") or {}).items():
@@ -228,8 +238,14 @@ def load_run(run_dir: PathLike) -> Dict[str, Any]:
 
 
 def load_runs(runs_root: Optional[PathLike] = None, complete_only: bool = True) -> pd.DataFrame:
-    """One row per run: config fields, privacy parameters and final evaluation metrics."""
-    return pd.DataFrame([run_row(d, cfg, meta) for d, cfg, meta in _records(runs_root, complete_only)])
+    """One row per run: config fields, privacy parameters and final evaluation metrics (no
+    run: an empty frame with the columns every row has, so column selections still work)."""
+    rows = [run_row(d, cfg, meta) for d, cfg, meta in _records(runs_root, complete_only)]
+    if not rows:
+        return pd.DataFrame(columns=["run", "run_dir", "status",
+                                     *(f.name for f in fields(RunConfig)), "method",
+                                     *RUN_META_FIELDS, "n_units"])
+    return pd.DataFrame(rows)
 
 
 def load_metrics(runs_root: Optional[PathLike] = None, complete_only: bool = True) -> pd.DataFrame:
@@ -246,5 +262,23 @@ def load_metrics(runs_root: Optional[PathLike] = None, complete_only: bool = Tru
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_COLUMNS)
 
 
+# --------------------------------------------------------------------------- the released predictor
+def with_prediction_shift(released: Mapping[str, Any], la_tau_kept: float,
+                          shift: Sequence[float]) -> Dict[str, Any]:
+    """``released`` (a run's ``RELEASED_KEY`` record) with the released predictor's logit shift
+    (C,) recorded beside the noisy histogram it was computed from."""
+    return {**released, SHIFT_KEY: {"la_tau_kept": float(la_tau_kept),
+                                    "shift": [float(v) for v in shift]}}
+
+
+def prediction_shift(meta: Mapping[str, Any]) -> Optional[np.ndarray]:
+    """The logit shift (C,) as float64 that a run's released predictor adds to its network's
+    logits (a run that kept part of its noisy class prior, ``la_tau_kept``), read from the run's
+    ``meta.json`` contents; None when it kept none (the released predictor is the network)."""
+    kept = (meta.get(RELEASED_KEY) or {}).get(SHIFT_KEY)
+    return np.asarray(kept["shift"], dtype=np.float64) if kept else None
+
+
 def load_predictions(run_dir: PathLike) -> pd.DataFrame:
+    """The run's ``predictions.csv``: one row per image of its evaluation split."""
     return pd.read_csv(Path(run_dir) / "predictions.csv")

@@ -129,11 +129,17 @@ class LogitAdjustedLoss(nn.Module):
 
     def __init__(self, log_prior_: np.ndarray, tau: float = 1.0) -> None:
         super().__init__()
-        self.register_buffer("log_prior", torch.tensor(np.asarray(log_prior_), dtype=torch.float32))
-        self.register_buffer("shift", torch.tensor(tau * np.asarray(log_prior_), dtype=torch.float32))
+        self.tau = float(tau)
+        # float64, the prior's own precision: each shift is rounded to the logits' dtype once
+        self.register_buffer("log_prior", torch.tensor(np.asarray(log_prior_), dtype=torch.float64))
+
+    @property
+    def shift(self) -> torch.Tensor:
+        """The training shift ``tau * log_prior`` (C,), float32."""
+        return (self.tau * self.log_prior).float()
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits + self.shift, y)
+        return nn.functional.cross_entropy(logits + self.shift.to(logits.dtype), y)
 
 
 def kept_prior_shift(loss: LogitAdjustedLoss, tau_kept: float) -> torch.Tensor:
@@ -144,7 +150,7 @@ def kept_prior_shift(loss: LogitAdjustedLoss, tau_kept: float) -> torch.Tensor:
     A model trained at tau > 1 over-predicts the rare classes; keeping part of the prior
     trades some of that back. Under DP the prior is the released noisy histogram, so the shift
     is post-processing: it costs no privacy."""
-    return float(tau_kept) * loss.log_prior
+    return (float(tau_kept) * loss.log_prior).float()
 
 
 class EMA:

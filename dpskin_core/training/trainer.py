@@ -417,8 +417,8 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
 
         logit_shift = kept_prior_shift(criterion, cfg.la_tau_kept)
         # post-processing of the noisy histogram: the released predictor is the network plus it
-        released = {**released, "prediction_logit_shift": {
-            "la_tau_kept": cfg.la_tau_kept, "shift": logit_shift.cpu().tolist()}}
+        released = records.with_prediction_shift(released, cfg.la_tau_kept,
+                                                 logit_shift.cpu().tolist())
     if cfg.feature_norm != "none":
         if train_x is None:
             train_x = FRONT_ENDS.get(cfg.features).rows(data.x_train, cfg)
@@ -555,7 +555,7 @@ def resume(s: Session) -> None:
         "max_grad_norm": cfg.max_grad_norm if cfg.dp else None, "notes": _notes(cfg),
         "grad_sample_mode": setup.grad_sample_mode, "world_size": s.world.size,
         "privacy": privacy_statement(cfg, setup.n_units) if cfg.dp else None,
-        "released_before_training": setup.released,
+        records.RELEASED_KEY: setup.released,
         "prefix_history": privacy.history_summary(setup.prefix_history),
     })
     if s.world.main:
