@@ -1,0 +1,108 @@
+"""Does averaging a released predictor over dihedral views of each image help? (not a test)
+
+Test-time augmentation is post-processing of a released model (it queries the model and
+nothing else), so it would cost no privacy; this measures whether it is worth adopting.
+For every finished run of a runs folder evaluated on ``--split`` (its ``eval_split``; the
+validation runs by default), the run's released predictor
+(:func:`dpskin_core.attacks.victims.load_trained`, its kept prior shift included) scores the
+``--score`` split (validation by default: where a choice is made; ``--score test`` reports a
+choice already made, never makes one) by the mean softmax over the first 1, 2, 4 and 8 symmetries of the square
+(:data:`dpskin_core.attacks.victims.DIHEDRAL`: identity, horizontal flip, vertical flip,
+transpose, ...), paired: the same network on the same images.
+
+    python benchmarks/tta_views.py --runs runs/val --backbone smallcnn_stats \
+        --out benchmarks/results/tta_views_dp_32px_val.csv
+    python benchmarks/tta_views.py --runs runs/cpu64 --backbone resnet18 --split test \
+        --nonprivate --out benchmarks/results/tta_views_resnet18_64px_val.csv
+
+One row per run and number of views (``bacc``; ``gain`` against the single view).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.special import softmax
+from tqdm.auto import tqdm
+
+from dpskin_core.attacks.victims import DIHEDRAL, load_trained
+from dpskin_core.data.datasets import DataBundle, load_data
+from dpskin_core.files import read_json
+from dpskin_core.training.metrics import balanced_accuracy
+from dpskin_core.training.trainer import data_spec
+
+VIEWS = (1, 2, 4, 8)
+
+
+def finished(run_dir: Path, split: str, backbone: Optional[str], private: bool) -> bool:
+    """Whether ``run_dir`` is a complete run of ``backbone`` (DP when ``private``, else
+    non-private) evaluated on ``split``."""
+    if not (run_dir / "predictions.csv").is_file():
+        return False
+    cfg, meta = read_json(run_dir / "config.json"), read_json(run_dir / "meta.json")
+    return (meta.get("status") == "complete" and cfg["eval_split"] == split
+            and bool(cfg.get("dp")) == private
+            and (backbone is None or cfg["backbone"] == backbone))
+
+
+def run_rows(run_dir: Path, split: str, cache: Dict[str, DataBundle]) -> List[dict]:
+    """One row per number of views for the run in ``run_dir``, scored on ``split``.
+    (The validation split of a run evaluated on test is the one it chose its epoch on.)"""
+    m = load_trained(run_dir)
+    spec = data_spec(m.config)
+    key = repr(spec)
+    if key not in cache:  # one decode per data spec (side, split seed), not per run
+        cache[key] = load_data(spec)
+    x, y = getattr(cache[key], f"x_{split}"), getattr(cache[key], f"y_{split}")
+    probs = softmax(m.view_logits(x, views=max(VIEWS)), axis=-1)  # (N, V, C)
+    c = m.config
+    base = {"run": run_dir.name, "backbone": c.backbone, "dp": c.dp, "optimizer": c.optimizer,
+            "seed": c.seed, "target_eps": c.target_epsilon, "image_size": c.image_size,
+            "patience": c.early_stopping_patience, "scored": split}
+    rows = [{**base, "views": v, "bacc": balanced_accuracy(y, probs[:, :v].mean(1).argmax(1))}
+            for v in VIEWS]
+    for r in rows:
+        r["gain"] = r["bacc"] - rows[0]["bacc"]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default="runs/val", help="runs folder")
+    ap.add_argument("--backbone", default=None, help="only this network's runs")
+    ap.add_argument("--split", choices=("val", "test"), default="val",
+                    help="read the runs evaluated on this split")
+    ap.add_argument("--score", choices=("val", "test"), default="val",
+                    help="the split scored (test: a report, never a choice)")
+    ap.add_argument("--nonprivate", action="store_true", help="the non-private runs, not DP")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", default=None, help="CSV of every run and number of views")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    root = Path(a.runs)
+    if not root.is_dir():
+        raise SystemExit(f"--runs {root}: no such folder")
+    dirs = [d for d in sorted(root.iterdir())
+            if d.is_dir() and finished(d, a.split, a.backbone, not a.nonprivate)]
+    if not dirs:
+        raise SystemExit(f"{root}: no finished {'non-private' if a.nonprivate else 'DP'} run "
+                         f"evaluated on {a.split}")
+    assert len(DIHEDRAL) >= max(VIEWS)
+    cache: Dict[str, DataBundle] = {}
+    rows = [r for d in tqdm(dirs, desc="runs") for r in run_rows(d, a.score, cache)]
+    df = pd.DataFrame(rows)
+    if a.out:
+        df.to_csv(a.out, index=False)
+    g = df.groupby(["backbone", "optimizer", "target_eps", "image_size", "patience", "views"],
+                   dropna=False)
+    print(g.agg(n=("run", "size"), bacc=("bacc", "mean"), gain=("gain", "mean"),
+                gained=("gain", lambda s: int((s > 0).sum()))).round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
