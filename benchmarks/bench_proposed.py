@@ -37,8 +37,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import pandas as pd
+
+if TYPE_CHECKING:  # dpskin_core is imported in main (so that --help needs no torch)
+    from dpskin_core.training.trainer import RunResult
 
 
 def parse_sets(items: list) -> dict:
@@ -64,6 +68,15 @@ def write_table(df: pd.DataFrame, out: Path, append: bool) -> pd.DataFrame:
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     return df
+
+
+def released_val(res: RunResult) -> Optional[float]:
+    """The validation balanced accuracy of the epoch ``res`` released (the split its epoch and
+    any choice of recipe are made on); None when the run recorded none."""
+    m = res.metrics
+    v = m[(m["split"] == "val") & (m["metric"] == "balanced_accuracy")
+          & (m["epoch"] == res.meta.get("eval_epoch"))]
+    return float(v["value"].iloc[-1]) if len(v) else None
 
 
 def main() -> None:
@@ -133,6 +146,8 @@ def main() -> None:
                              "noise_multiplier": res.noise_multiplier,
                              f"{args.eval_split}_bacc": res.final_metrics["balanced_accuracy"],
                              "wall_s": res.meta.get("wall_time_s")})
+                if args.eval_split == "test":  # what a recipe is chosen on, beside its report
+                    rows[-1]["val_bacc"] = released_val(res)
             else:  # the released winner of a private search based at this point
                 found = private_search(cfg, space, args.runs, verbose=False)
                 w = winner_runs([found]).iloc[0]

@@ -26,41 +26,41 @@ import pandas as pd
 from dpskin_core.constants import CLASSES
 from dpskin_core.files import read_json
 from dpskin_core.training.metrics import balanced_accuracy
-from dpskin_core.training.records import RELEASED_KEY, prediction_shift
+from dpskin_core.training.records import RELEASED_KEY, load_runs, prediction_shift
 from dpskin_core.training.technique import log_prior
 
 
-def run_rows(run_dir: Path, kept: list, backbone: str | None, split: str = "val") -> list:
-    """The rows of one run folder (none when it is not a finished logit-adjusted DP run of
-    ``backbone`` evaluated on ``split``)."""
-    if not (run_dir / "predictions.csv").is_file():
-        return []
-    cfg, meta = read_json(run_dir / "config.json"), read_json(run_dir / "meta.json")
-    if not (cfg.get("dp") and cfg.get("logit_adjust")) or meta.get("status") != "complete":
-        return []
-    if backbone is not None and cfg["backbone"] != backbone:
-        return []
-    if cfg["eval_split"] != split:
-        return []
-    released = meta[RELEASED_KEY]
+def selected(root: Path, backbone: str | None, split: str) -> pd.DataFrame:
+    """The rows of :func:`load_runs` of the finished logit-adjusted DP runs under ``root`` of
+    ``backbone`` (None: every network) evaluated on ``split``, sorted by run."""
+    runs = load_runs(root)
+    keep = (runs["dp"].astype(bool) & runs["logit_adjust"].astype(bool)
+            & (runs["eval_split"] == split))
+    if backbone is not None:
+        keep &= runs["backbone"] == backbone
+    return runs[keep].sort_values("run")
+
+
+def run_rows(run: pd.Series, kept: list) -> list:
+    """One row per strength in ``kept`` for the run of ``run`` (a row of :func:`selected`)."""
+    d = Path(run["run_dir"])
+    released = read_json(d / "meta.json")[RELEASED_KEY]
     prior = log_prior(np.asarray(released["class_histogram"], dtype=np.float64))
-    pred = pd.read_csv(run_dir / "predictions.csv")
+    pred = pd.read_csv(d / "predictions.csv")
     logp = np.log(np.clip(pred[[f"prob_{c}" for c in CLASSES]].to_numpy(), 1e-300, None))
-    own = prediction_shift(meta)
+    own = prediction_shift({RELEASED_KEY: released})
     if own is not None:  # back to the network's own logits (up to a per-image constant)
         logp = logp - own
     y = pred["label"].to_numpy()
-    out = []
-    for k in kept:
-        b = balanced_accuracy(y, np.argmax(logp + k * prior, axis=1))
-        out.append({"run": run_dir.name, "backbone": cfg["backbone"],
-                    "optimizer": cfg["optimizer"], "seed": cfg["seed"],
-                    "target_eps": cfg["target_epsilon"], "image_size": cfg["image_size"],
-                    "batch_size": cfg["batch_size"], "epochs": cfg["epochs"],
-                    "ema_decay": cfg["ema_decay"], "augment_translate": cfg["augment_translate"],
-                    "aug_mult": cfg["aug_mult"], "la_tau": cfg["la_tau"],
-                    "trained_kept": cfg.get("la_tau_kept", 0.0), "kept": k, "bacc": b})
-    return out
+    # a run recorded before la_tau_kept existed kept no prior
+    trained_kept = 0.0 if pd.isna(run.get("la_tau_kept")) else float(run["la_tau_kept"])
+    base = {k: run[k] for k in ("run", "backbone", "optimizer", "seed")}
+    base.update({"target_eps": run["target_epsilon"],
+                 **{k: run[k] for k in ("image_size", "batch_size", "epochs", "ema_decay",
+                                        "augment_translate", "aug_mult", "la_tau")},
+                 "trained_kept": trained_kept})
+    return [{**base, "kept": k, "bacc": balanced_accuracy(y, np.argmax(logp + k * prior, axis=1))}
+            for k in kept]
 
 
 def main() -> None:
@@ -78,8 +78,8 @@ def main() -> None:
     root = Path(a.runs)
     if not root.is_dir():
         raise SystemExit(f"--runs {root}: no such folder")
-    rows = [r for d in sorted(root.iterdir()) if d.is_dir()
-            for r in run_rows(d, kept, a.backbone, a.split)]
+    rows = [r for _, run in selected(root, a.backbone, a.split).iterrows()
+            for r in run_rows(run, kept)]
     if not rows:
         raise SystemExit(f"{root}: no finished logit-adjusted DP run evaluated on {a.split}")
     df = pd.DataFrame(rows)

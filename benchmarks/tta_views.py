@@ -29,24 +29,23 @@ import torch
 from scipy.special import softmax
 from tqdm.auto import tqdm
 
-from dpskin_core.attacks.victims import DIHEDRAL, load_trained
+from dpskin_core.attacks.victims import load_trained
 from dpskin_core.data.datasets import DataBundle, load_data
-from dpskin_core.files import read_json
 from dpskin_core.training.metrics import balanced_accuracy
+from dpskin_core.training.records import load_runs
 from dpskin_core.training.trainer import data_spec
 
 VIEWS = (1, 2, 4, 8)
 
 
-def finished(run_dir: Path, split: str, backbone: Optional[str], private: bool) -> bool:
-    """Whether ``run_dir`` is a complete run of ``backbone`` (DP when ``private``, else
-    non-private) evaluated on ``split``."""
-    if not (run_dir / "predictions.csv").is_file():
-        return False
-    cfg, meta = read_json(run_dir / "config.json"), read_json(run_dir / "meta.json")
-    return (meta.get("status") == "complete" and cfg["eval_split"] == split
-            and bool(cfg.get("dp")) == private
-            and (backbone is None or cfg["backbone"] == backbone))
+def finished(root: Path, split: str, backbone: Optional[str], private: bool) -> List[Path]:
+    """The folders of the complete runs under ``root`` of ``backbone`` (None: every network),
+    DP when ``private`` (else non-private), evaluated on ``split``, sorted."""
+    runs = load_runs(root)
+    keep = (runs["eval_split"] == split) & (runs["dp"].astype(bool) == private)
+    if backbone is not None:
+        keep &= runs["backbone"] == backbone
+    return [Path(d) for d in sorted(runs.loc[keep, "run_dir"])]
 
 
 def run_rows(run_dir: Path, split: str, cache: Dict[str, DataBundle]) -> List[dict]:
@@ -87,12 +86,10 @@ def main() -> None:
     root = Path(a.runs)
     if not root.is_dir():
         raise SystemExit(f"--runs {root}: no such folder")
-    dirs = [d for d in sorted(root.iterdir())
-            if d.is_dir() and finished(d, a.split, a.backbone, not a.nonprivate)]
+    dirs = finished(root, a.split, a.backbone, not a.nonprivate)
     if not dirs:
         raise SystemExit(f"{root}: no finished {'non-private' if a.nonprivate else 'DP'} run "
                          f"evaluated on {a.split}")
-    assert len(DIHEDRAL) >= max(VIEWS)
     cache: Dict[str, DataBundle] = {}
     rows = [r for d in tqdm(dirs, desc="runs") for r in run_rows(d, a.score, cache)]
     df = pd.DataFrame(rows)

@@ -75,3 +75,27 @@ def test_the_recipes_shift_references_and_dp_runs_by_their_own_parameters_only()
     for bad in (-1, 1.5, True, None):
         with pytest.raises(ConfigError, match="dp_augment_translate"):
             Params(**{**fields, "dp_augment_translate": bad})
+
+
+def test_the_references_own_weight_decay_and_imbalance_remedy():
+    """weight_decay and reference_la_tau reach the non-private references only; a logit-adjusted
+    reference trains by the exact-count prior in place of the class weights."""
+    from dpskin_core.book.registry import load_registry
+    from dpskin_core.training.recipes import RECIPES, Params
+
+    p = load_registry().params("cpu")
+    fields = {f: getattr(p, f) for f in Params.field_names()}
+    base = RECIPES.get("nonprivate-adam").config(p, seed=0)
+    assert (base.weight_decay, base.logit_adjust, base.class_weights) == (0.0, False, "balanced")
+    q = Params(**{**fields, "weight_decay": 5e-4, "reference_la_tau": 1.0})
+    for name in ("nonprivate-adam", "nonprivate-sgd"):
+        c = RECIPES.get(name).config(q, seed=0)
+        got = (c.weight_decay, c.logit_adjust, c.la_tau, c.class_weights)
+        assert got == (5e-4, True, 1.0, "none"), name
+    assert RECIPES.get("loso-adam").configs(q, seeds=[0])[0].logit_adjust
+    dp = RECIPES.get("dp-sgd").config(q, target_epsilon=8.0, seed=0)
+    assert dp.weight_decay == 0.0 and dp.la_tau == p.dp_la_tau
+    for name, bad in (("weight_decay", -1e-4), ("reference_la_tau", float("nan")),
+                      ("weight_decay", "0.1")):
+        with pytest.raises(ConfigError, match=name):
+            Params(**{**fields, name: bad})

@@ -234,6 +234,28 @@ def test_the_summed_prior_over_flower_is_the_in_process_one(tmp_path):
     assert prior["counts"] == pytest.approx(json.loads((local.folder / "prior.json").read_text())["counts"])
 
 
+def test_each_supernode_keeps_its_own_prior_as_in_process(tmp_path):
+    """prior='local' with a kept share on four SuperNodes: each scores the global model with
+    0.5 x log of its own noisy histogram (read from its own state), as the in-process
+    federation scores it, and not by the plain logits."""
+    from dpskin_core.federated.deploy import deploy
+
+    cfg = FLConfig(name="ci-local-prior", run=_run(dp=True, logit_adjust=True, la_tau_kept=0.5),
+                   rounds=1)
+    data = load_data(DataSpec("synthetic", None, 16, synth_n=400))
+    res = deploy(cfg, tmp_path / "deployed", startup_timeout_s=120, run_timeout_s=600, data=data)
+    local = run_federation(cfg, tmp_path / "local", data=data, progress=False)
+    for k in res.weights:
+        assert torch.allclose(res.weights[k], local.weights[k], atol=1e-5), k
+    cols = ["client", "balanced_accuracy", "nll"]
+    deployed = res.rounds[cols].sort_values("client").reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        deployed, local.rounds[cols].sort_values("client").reset_index(drop=True), atol=1e-4)
+    c = partition(data, cfg.partition)[0]
+    plain = fl_client.evaluate(c, cfg.local, res.weights)["nll"]
+    assert deployed.set_index("client").loc[c.name, "nll"] != pytest.approx(plain)
+
+
 def test_the_global_prior_is_the_sum_of_the_releases_already_counted(tmp_path, synth):
     """prior='global': each client's histogram is the noisy release its own logit adjustment
     makes (same secret noise, so one release, counted once in its eps), the server sums them
@@ -305,6 +327,24 @@ def test_each_client_scores_the_released_predictor_of_its_kept_prior(tmp_path, s
         global_membership(res.config, res.weights, clients)
     m, m0 = (global_membership(r.config, r.weights, clients, folder=r.folder) for r in (res, ref))
     assert not np.allclose(m["auc"], m0["auc"])
+
+
+def test_the_global_prior_shift_reads_no_client_secret(tmp_path, synth):
+    """prior='global': the shift a client keeps is la_tau_kept x log of the federation's prior,
+    the shift its training with that prior computes, built without reading or creating the
+    client's secret seed (a site of virtual clients, scored under this prior, has none)."""
+    run = _run(dp=True, logit_adjust=True, la_tau_kept=0.5).replace(dp_noise="secret")
+    cfg = FLConfig(run=run, prior="global")
+    c = partition(synth, cfg.partition)[0]
+    prior = np.array([5.0, 40.0, 3.0, 2.0, 300.0, 1.0, 0.0])  # an empty class floors at 1
+    state = tmp_path / "state"
+    shift = fl_client.kept_shift(c, cfg.local, state, prior)
+    assert not state.exists()
+    np.testing.assert_array_equal(shift, (0.5 * log_prior(prior)).astype(np.float32))
+    session = fl_client.start(fl_client.for_client(cfg.local, c), c.data, tmp_path / "run",
+                              prior_counts=prior)
+    np.testing.assert_allclose(shift, prediction_shift({RELEASED_KEY: session.setup.released}),
+                               atol=1e-6)
 
 
 def test_a_global_prior_needs_noisy_histograms():

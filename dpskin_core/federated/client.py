@@ -36,7 +36,7 @@ from ..training.backbones import build_backbone
 from ..training.checkpoint import StateDict
 from ..training.frontends import Inputs
 from ..training.metrics import evaluate as classification_metrics
-from ..training.technique import kept_prior_shift
+from ..training.technique import LogitAdjustedLoss, kept_prior_shift, log_prior
 from ..training.distributed import unwrap
 from ..training.trainer import pick_device, predict_proba, prefix_history, start, train_one_epoch
 from .partitions import Client
@@ -90,6 +90,17 @@ def noise_multiplier(state_dir: Path) -> Optional[float]:
     return float(rounds[min(rounds, key=int)][0]) if rounds else None
 
 
+def _check_prior_client(client: Client, cfg: RunConfig) -> None:
+    """Raise unless ``cfg`` trains ``client`` with a class prior the federation can share: DP
+    with the logit adjustment, its histogram counting images."""
+    if not (cfg.dp and cfg.logit_adjust):
+        raise ConfigError(f"client {client.name}: a class histogram is released only by a DP "
+                          "client with logit_adjust (its noisy histogram, counted in its eps)")
+    if cfg.privacy_unit != "image":
+        raise ConfigError(f"client {client.name}: the federation's class priors count images; "
+                          f"privacy_unit={cfg.privacy_unit!r} is not supported")
+
+
 def _criterion(client: Client, cfg: RunConfig, state_dir: Path,
                prior_counts: Optional[np.ndarray] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """(logit-adjusted loss, its record) as the client's training builds them: the noisy
@@ -97,12 +108,7 @@ def _criterion(client: Client, cfg: RunConfig, state_dir: Path,
     from ..training.checkpoint import dp_seed
     from ..training.trainer import build_criterion
 
-    if not (cfg.dp and cfg.logit_adjust):
-        raise ConfigError(f"client {client.name}: a class histogram is released only by a DP client "
-                          "with logit_adjust (its noisy histogram, counted in its eps)")
-    if cfg.privacy_unit != "image":
-        raise ConfigError(f"client {client.name}: the federation's class priors count images; "
-                          f"privacy_unit={cfg.privacy_unit!r} is not supported")
+    _check_prior_client(client, cfg)
     cfg = for_client(cfg, client)
     seed = dp_seed(Path(state_dir) / "run" / "checkpoints", cfg.dp_noise, cfg.seed)
     criterion, _, released = build_criterion(cfg, client.data, torch.device("cpu"), seed,
@@ -123,11 +129,18 @@ def kept_shift(client: Client, cfg: RunConfig, state_dir: Path,
     """The shift (C,) the client's released predictor adds to the global model's logits:
     ``la_tau_kept`` times the log of the prior its training adjusts by, the federation's
     (``prior_counts``, ``prior='global'``) or else its own noisy histogram (the release its
-    accountant counts); None when it keeps none. Built by the client's own loss, so it is the
-    shift its training computes (:func:`dpskin_core.training.technique.kept_prior_shift`)."""
+    accountant counts); None when it keeps none. Built from the loss the client trains with
+    (its own, or the one its training builds of ``prior_counts``), so it is the shift its
+    training computes (:func:`dpskin_core.training.technique.kept_prior_shift`)."""
     if cfg.la_tau_kept <= 0:
         return None
-    criterion, _ = _criterion(client, cfg, state_dir, prior_counts)
+    if prior_counts is None:
+        criterion, _ = _criterion(client, cfg, state_dir)
+    else:  # the federation's prior: the loss build_criterion makes of it, no secret of the
+        # client's read (a site of virtual clients, scored under prior='global', has none)
+        _check_prior_client(client, cfg)
+        criterion = LogitAdjustedLoss(log_prior(np.asarray(prior_counts, dtype=np.float64)),
+                                      cfg.la_tau)
     return kept_prior_shift(criterion, cfg.la_tau_kept).double().numpy()
 
 

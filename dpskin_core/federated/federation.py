@@ -417,12 +417,15 @@ def run_federation(cfg: FLConfig, runs_root: Optional[PathLike] = None, *, data=
         return {n: fit(by_name[n], local, weights, rnd, cfg.local_epochs, folder / "clients" / n,
                        prior) for n in sorted(asked)}
 
+    shifts: Dict[str, Optional[np.ndarray]] = {}  # the prior is fixed before the first round
+
     def evaluate_all(weights: StateDict,
                      prior: Optional[np.ndarray]) -> Dict[str, Dict[str, float]]:
         # a site of virtual clients (groups_per_site > 1) keeps a prior only under prior='global'
-        return {n: evaluate(c, local, weights,
-                            shift=kept_shift(c, local, folder / "clients" / n, prior))
-                for n, c in scored.items()}
+        for n, c in scored.items():
+            if n not in shifts:
+                shifts[n] = kept_shift(c, local, folder / "clients" / n, prior)
+        return {n: evaluate(c, local, weights, shift=shifts[n]) for n, c in scored.items()}
 
     def histograms_all() -> Dict[str, Union[np.ndarray, BaseException]]:
         out: Dict[str, Union[np.ndarray, BaseException]] = {}

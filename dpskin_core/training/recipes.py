@@ -105,6 +105,14 @@ class Params:
     #: training images, and of the end-to-end DP recipes' (data-independent: free under DP)
     augment_translate: int = 0
     dp_augment_translate: int = 0
+    #: the non-private references' L2 weight decay (the optimiser's own ``weight_decay``,
+    #: coupled to the gradient, on every parameter); the DP recipes keep none
+    weight_decay: float = 0.0
+    #: the non-private references' remedy for class imbalance: 0 weights the loss by the
+    #: class weights (``class_weights``); > 0 trains by the logit-adjusted loss at this
+    #: strength tau on the exact class counts instead (Menon et al. 2021; tau = 1 is the
+    #: balanced-error loss), predicting by the plain logits
+    reference_la_tau: float = 0.0
     #: the end-to-end DP recipes' prior strength kept at prediction (``RunConfig.la_tau_kept``:
     #: the released predictor's logits are f(x) + this * log(noisy prior); post-processing)
     dp_la_tau_kept: float = 0.0
@@ -119,6 +127,8 @@ class Params:
             check_number(getattr(self, name), f"profile parameter {name} (px)", integer=True,
                          nonnegative=True)
         check_number(self.dp_la_tau_kept, "profile parameter dp_la_tau_kept", nonnegative=True)
+        check_number(self.weight_decay, "profile parameter weight_decay", nonnegative=True)
+        check_number(self.reference_la_tau, "profile parameter reference_la_tau", nonnegative=True)
         for name in ("proposed_image_size", "proposed_colour_epochs"):
             check_number(getattr(self, name), f"profile parameter {name}", integer=True,
                          positive=True, optional=True)
@@ -283,11 +293,14 @@ def _end_to_end(p: Params, **over: Any) -> RunConfig:
 def _reference(p: Params, **over: Any) -> RunConfig:
     """Non-private training to convergence: warm-up, then the profile's schedule over at most
     ``epochs``, stopped when validation balanced accuracy has not improved for ``patience``
-    epochs (the best epoch is released); loss weighted by the (private) class counts."""
-    return _end_to_end(p, class_weights=p.class_weights, early_stopping_patience=p.patience,
+    epochs (the best epoch is released); loss weighted by the (private) class counts, or
+    logit-adjusted by them (``reference_la_tau``)."""
+    imbalance = (dict(class_weights="none", logit_adjust=True, la_tau=p.reference_la_tau)
+                 if p.reference_la_tau > 0 else dict(class_weights=p.class_weights))
+    return _end_to_end(p, **imbalance, early_stopping_patience=p.patience,
                        warmup_epochs=p.warmup_epochs, lr_schedule=p.lr_schedule,
                        augment_color=p.augment_color, augment_translate=p.augment_translate,
-                       **over)
+                       weight_decay=p.weight_decay, **over)
 
 
 def _dp(p: Params, optimizer: str, backbone: Optional[str] = None,
