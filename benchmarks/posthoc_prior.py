@@ -44,11 +44,11 @@ def selected(root: Path, backbone: str | None, split: str) -> pd.DataFrame:
 def run_rows(run: pd.Series, kept: list) -> list:
     """One row per strength in ``kept`` for the run of ``run`` (a row of :func:`selected`)."""
     d = Path(run["run_dir"])
-    released = read_json(d / "meta.json")[RELEASED_KEY]
-    prior = log_prior(np.asarray(released["class_histogram"], dtype=np.float64))
+    meta = read_json(d / "meta.json")
+    prior = log_prior(np.asarray(meta[RELEASED_KEY]["class_histogram"], dtype=np.float64))
     pred = pd.read_csv(d / "predictions.csv")
     logp = np.log(np.clip(pred[[f"prob_{c}" for c in CLASSES]].to_numpy(), 1e-300, None))
-    own = prediction_shift({RELEASED_KEY: released})
+    own = prediction_shift(meta)
     if own is not None:  # back to the network's own logits (up to a per-image constant)
         logp = logp - own
     y = pred["label"].to_numpy()

@@ -256,6 +256,48 @@ def test_each_supernode_keeps_its_own_prior_as_in_process(tmp_path):
     assert deployed.set_index("client").loc[c.name, "nll"] != pytest.approx(plain)
 
 
+def test_a_supernode_computes_its_kept_shift_once(tmp_path, synth, monkeypatch):
+    """The ClientApp's evaluate handler keeps its client's kept shift in the node's context
+    state: later evaluations read it back (no second computation) and score as the
+    in-process federation scores; a message with another prior computes it again."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from dpskin_core.federated import app
+    from dpskin_core.files import write_json
+
+    cfg = FLConfig(name="ci-shift-cache", run=_run(dp=True, logit_adjust=True, la_tau_kept=0.5),
+                   rounds=1)
+    local = run_federation(cfg, tmp_path, data=synth, progress=False)
+    write_json(tmp_path / "fl_config.json", cfg.to_dict())
+    monkeypatch.setattr(app, "_clients", lambda _: tuple(partition(synth, cfg.partition)))
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 4},
+                      state=RecordDict(), run_config={"fl-config": str(tmp_path / "fl_config.json"),
+                                                      "fl-folder": str(local.folder)})
+    for k in ("_run_id", "_node_id", "_task_id"):  # what a ClientApp process sets
+        monkeypatch.setattr(TaskIdentity, k, 1)
+    calls = []
+    real = app.kept_shift
+    monkeypatch.setattr(app, "kept_shift", lambda *a: calls.append(a[-1]) or real(*a))
+
+    def score(prior=None):
+        content = RecordDict({"arrays": ArrayRecord(torch_state_dict=local.weights)})
+        if prior is not None:
+            content["config"] = ConfigRecord({"prior": json.dumps(prior)})
+        msg = Message(content, dst_node_id=1, message_type=MessageType.EVALUATE)
+        return dict(app.evaluate_(msg, context).content["metrics"])
+
+    name = partition(synth, cfg.partition)[0].name
+    want = local.rounds.set_index("client").loc[name]
+    first, again = score(), score()
+    pd.testing.assert_series_equal(pd.Series(first), pd.Series(again))  # NaN: a class absent
+    assert len(calls) == 1
+    assert first["nll"] == pytest.approx(want["nll"], abs=1e-4)
+    assert first["balanced_accuracy"] == pytest.approx(want["balanced_accuracy"], abs=1e-6)
+    other = score([100.0] * 7)  # a flat prior: another shift, computed anew
+    assert len(calls) == 2 and other["nll"] != pytest.approx(first["nll"])
+
+
 def test_the_global_prior_is_the_sum_of_the_releases_already_counted(tmp_path, synth):
     """prior='global': each client's histogram is the noisy release its own logit adjustment
     makes (same secret noise, so one release, counted once in its eps), the server sums them

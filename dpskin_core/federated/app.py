@@ -59,6 +59,29 @@ def _state_dir(context: Context, folder: Path, name: str) -> Path:
     return Path(str(context.node_config.get("state-dir", folder / "clients" / name)))
 
 
+_SHIFT_KEY = "kept-shift"  # the node's context state: its client's kept shift and its prior
+
+
+def _kept_shift(context: Context, c: Client, cfg: FLConfig, folder: Path,
+                prior: Optional[str]) -> Optional[np.ndarray]:
+    """:func:`.client.kept_shift` of the SuperNode's client, computed at its first evaluation
+    and kept in the node's context state (Flower keeps it across the run's messages): the
+    prior is fixed before the first round, so later evaluations read it back. A different
+    prior (another federation's message) computes it again. JSON keeps float64 exactly."""
+    tag = "own" if prior is None else prior
+    if _SHIFT_KEY in context.state:
+        kept = context.state[_SHIFT_KEY]
+        if kept["client"] == c.name and kept["prior"] == tag:
+            shift = json.loads(str(kept["shift"]))
+            return None if shift is None else np.asarray(shift, dtype=np.float64)
+    shift = kept_shift(c, cfg.local, _state_dir(context, folder, c.name),
+                       None if prior is None else np.asarray(json.loads(prior)))
+    context.state[_SHIFT_KEY] = ConfigRecord({
+        "client": c.name, "prior": tag,
+        "shift": json.dumps(None if shift is None else shift.tolist())})
+    return shift
+
+
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
     """Which client this SuperNode is (the server holds no data and learns it so); asked with
@@ -92,8 +115,7 @@ def evaluate_(msg: Message, context: Context) -> Message:
     cfg, folder = _config(context)
     c = _client(context)
     prior = msg.content["config"].get("prior") if "config" in msg.content else None
-    shift = kept_shift(c, cfg.local, _state_dir(context, folder, c.name),
-                       None if prior is None else np.asarray(json.loads(str(prior))))
+    shift = _kept_shift(context, c, cfg, folder, None if prior is None else str(prior))
     m = evaluate(c, cfg.local, msg.content["arrays"].to_torch_state_dict(), shift=shift)
     return Message(RecordDict({"client": ConfigRecord({"name": c.name}),
                                "metrics": MetricRecord({k: float(v) for k, v in m.items()})}),
