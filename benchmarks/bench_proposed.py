@@ -37,12 +37,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
 
 import pandas as pd
-
-if TYPE_CHECKING:  # dpskin_core is imported in main (so that --help needs no torch)
-    from dpskin_core.training.trainer import RunResult
 
 
 def parse_sets(items: list) -> dict:
@@ -70,18 +66,10 @@ def write_table(df: pd.DataFrame, out: Path, append: bool) -> pd.DataFrame:
     return df
 
 
-def released_val(res: RunResult) -> Optional[float]:
-    """The validation balanced accuracy of the epoch ``res`` released (the split its epoch and
-    any choice of recipe are made on); None when the run recorded none."""
-    m = res.metrics
-    v = m[(m["split"] == "val") & (m["metric"] == "balanced_accuracy")
-          & (m["epoch"] == res.meta.get("eval_epoch"))]
-    return float(v["value"].iloc[-1]) if len(v) else None
-
-
 def main() -> None:
     from dpskin_core import run
     from dpskin_core.book.registry import profile_params
+    from dpskin_core.book.search import released_val
     from dpskin_core.training.recipes import RECIPES
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -147,7 +135,7 @@ def main() -> None:
                              f"{args.eval_split}_bacc": res.final_metrics["balanced_accuracy"],
                              "wall_s": res.meta.get("wall_time_s")})
                 if args.eval_split == "test":  # what a recipe is chosen on, beside its report
-                    rows[-1]["val_bacc"] = released_val(res)
+                    rows[-1]["val_bacc"] = released_val(res.metrics, res.meta)
             else:  # the released winner of a private search based at this point
                 found = private_search(cfg, space, args.runs, verbose=False)
                 w = winner_runs([found]).iloc[0]

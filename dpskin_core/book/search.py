@@ -180,13 +180,24 @@ def _trial_config(base: RunConfig, trial: Mapping[str, Any]) -> RunConfig:
                         name=f"{base.name} (search trial)")
 
 
-def _val_score(run_dir: Path) -> float:
-    """Validation balanced accuracy of the weights the run releases (its ``eval_epoch``)."""
-    meta = read_json(run_dir / "meta.json")
-    m = pd.read_csv(run_dir / "metrics.csv")
-    sel = m[(m["split"] == "val") & (m["metric"] == "balanced_accuracy")]
+def _val_bacc(metrics: pd.DataFrame) -> pd.DataFrame:
+    return metrics[(metrics["split"] == "val") & (metrics["metric"] == "balanced_accuracy")]
+
+
+def released_val(metrics: pd.DataFrame, meta: Mapping[str, Any]) -> Optional[float]:
+    """Validation balanced accuracy of the weights a run releases (its ``eval_epoch``), from its
+    tidy metrics and meta record; None when that epoch has no validation score."""
+    sel = _val_bacc(metrics)
     at = sel[sel["epoch"] == meta.get("eval_epoch")]
-    return float((at if len(at) else sel).iloc[-1]["value"])
+    return float(at["value"].iloc[-1]) if len(at) else None
+
+
+def _val_score(run_dir: Path) -> float:
+    """:func:`released_val` of the run in ``run_dir`` (its last validation score when the
+    released epoch has none)."""
+    m = pd.read_csv(run_dir / "metrics.csv")
+    v = released_val(m, read_json(run_dir / "meta.json"))
+    return v if v is not None else float(_val_bacc(m)["value"].iloc[-1])
 
 
 def _histories(base: RunConfig, space: SearchSpace, n_units: int) -> List[List[Tuple[float, float, int]]]:
