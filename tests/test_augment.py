@@ -99,3 +99,22 @@ def test_the_references_own_weight_decay_and_imbalance_remedy():
                       ("weight_decay", "0.1")):
         with pytest.raises(ConfigError, match=name):
             Params(**{**fields, name: bad})
+
+
+def test_the_references_own_weight_average():
+    """reference_ema reaches the non-private references only (the DP recipes keep dp_ema); off
+    by default, so the references' run ids are those recorded before the field existed."""
+    from dpskin_core.book.registry import load_registry
+    from dpskin_core.training.recipes import RECIPES, Params
+
+    p = load_registry().params("cpu")
+    fields = {f: getattr(p, f) for f in Params.field_names()}
+    assert RECIPES.get("nonprivate-adam").config(p, seed=0).ema_decay is None
+    q = Params(**{**fields, "reference_ema": 0.995})
+    for name in ("nonprivate-adam", "nonprivate-sgd"):
+        assert RECIPES.get(name).config(q, seed=0).ema_decay == 0.995, name
+    assert RECIPES.get("loso-adam").configs(q, seeds=[0])[0].ema_decay == 0.995
+    assert RECIPES.get("dp-sgd").config(q, target_epsilon=8.0, seed=0).ema_decay == p.dp_ema
+    for bad in (1.0, 0.0, -0.5, float("nan"), "0.99"):
+        with pytest.raises(ConfigError, match="reference_ema"):
+            Params(**{**fields, "reference_ema": bad})

@@ -113,6 +113,9 @@ class Params:
     #: strength tau on the exact class counts instead (Menon et al. 2021; tau = 1 is the
     #: balanced-error loss), predicting by the plain logits
     reference_la_tau: float = 0.0
+    #: the non-private references' EMA of the weights (decay per optimiser step; None: off):
+    #: the released and evaluated weights are the average (``RunConfig.ema_decay``)
+    reference_ema: Optional[float] = None
     #: the end-to-end DP recipes' prior strength kept at prediction (``RunConfig.la_tau_kept``:
     #: the released predictor's logits are f(x) + this * log(noisy prior); post-processing)
     dp_la_tau_kept: float = 0.0
@@ -129,6 +132,11 @@ class Params:
         check_number(self.dp_la_tau_kept, "profile parameter dp_la_tau_kept", nonnegative=True)
         check_number(self.weight_decay, "profile parameter weight_decay", nonnegative=True)
         check_number(self.reference_la_tau, "profile parameter reference_la_tau", nonnegative=True)
+        check_number(self.reference_ema, "profile parameter reference_ema", positive=True,
+                     optional=True)
+        if self.reference_ema is not None and not self.reference_ema < 1:
+            raise ConfigError(f"profile parameter reference_ema must be in (0, 1), "
+                              f"got {self.reference_ema!r}")
         for name in ("proposed_image_size", "proposed_colour_epochs"):
             check_number(getattr(self, name), f"profile parameter {name}", integer=True,
                          positive=True, optional=True)
@@ -300,7 +308,7 @@ def _reference(p: Params, **over: Any) -> RunConfig:
     return _end_to_end(p, **imbalance, early_stopping_patience=p.patience,
                        warmup_epochs=p.warmup_epochs, lr_schedule=p.lr_schedule,
                        augment_color=p.augment_color, augment_translate=p.augment_translate,
-                       weight_decay=p.weight_decay, **over)
+                       weight_decay=p.weight_decay, ema_decay=p.reference_ema, **over)
 
 
 def _dp(p: Params, optimizer: str, backbone: Optional[str] = None,
