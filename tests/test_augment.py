@@ -118,3 +118,22 @@ def test_the_references_own_weight_average():
     for bad in (1.0, 0.0, -0.5, float("nan"), "0.99"):
         with pytest.raises(ConfigError, match="reference_ema"):
             Params(**{**fields, "reference_ema": bad})
+
+
+def test_the_references_own_colour_constancy():
+    """reference_colour_constancy reaches the non-private references only (the DP recipes keep
+    the plain images); "none" by default; an unknown name raises naming the field."""
+    from dpskin_core.book.registry import load_registry
+    from dpskin_core.training.recipes import RECIPES, Params
+
+    p = load_registry().params("cpu")
+    fields = {f: getattr(p, f) for f in Params.field_names()}
+    assert RECIPES.get("nonprivate-adam").config(p, seed=0).colour_constancy == "none"
+    q = Params(**{**fields, "reference_colour_constancy": "shades-of-gray"})
+    for name in ("nonprivate-adam", "nonprivate-sgd"):
+        assert RECIPES.get(name).config(q, seed=0).colour_constancy == "shades-of-gray", name
+    assert RECIPES.get("loso-adam").configs(q, seeds=[0])[0].colour_constancy == "shades-of-gray"
+    assert RECIPES.get("dp-sgd").config(q, target_epsilon=8.0, seed=0).colour_constancy == "none"
+    for bad in ("sog", "", None):
+        with pytest.raises(ConfigError, match="reference_colour_constancy"):
+            Params(**{**fields, "reference_colour_constancy": bad})

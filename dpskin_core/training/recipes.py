@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, check_number
 from ..registry import Registry
+from .augment import COLOUR_CONSTANCY
 from .backbones import BACKBONES
 from .config import RunConfig
 
@@ -116,6 +117,10 @@ class Params:
     #: the non-private references' EMA of the weights (decay per optimiser step; None: off):
     #: the released and evaluated weights are the average (``RunConfig.ema_decay``)
     reference_ema: Optional[float] = None
+    #: the non-private references' per-image colour constancy (``augment.COLOUR_CONSTANCY``:
+    #: each image divided by its own illuminant estimate, before the network; reads no other
+    #: image and no label)
+    reference_colour_constancy: str = "none"
     #: the end-to-end DP recipes' prior strength kept at prediction (``RunConfig.la_tau_kept``:
     #: the released predictor's logits are f(x) + this * log(noisy prior); post-processing)
     dp_la_tau_kept: float = 0.0
@@ -134,6 +139,10 @@ class Params:
         check_number(self.reference_la_tau, "profile parameter reference_la_tau", nonnegative=True)
         check_number(self.reference_ema, "profile parameter reference_ema", positive=True,
                      optional=True)
+        if self.reference_colour_constancy not in COLOUR_CONSTANCY.names():
+            raise ConfigError(f"profile parameter reference_colour_constancy="
+                              f"{self.reference_colour_constancy!r}; known: "
+                              f"{', '.join(COLOUR_CONSTANCY.names())}")
         if self.reference_ema is not None and not self.reference_ema < 1:
             raise ConfigError(f"profile parameter reference_ema must be in (0, 1), "
                               f"got {self.reference_ema!r}")
@@ -308,7 +317,8 @@ def _reference(p: Params, **over: Any) -> RunConfig:
     return _end_to_end(p, **imbalance, early_stopping_patience=p.patience,
                        warmup_epochs=p.warmup_epochs, lr_schedule=p.lr_schedule,
                        augment_color=p.augment_color, augment_translate=p.augment_translate,
-                       weight_decay=p.weight_decay, ema_decay=p.reference_ema, **over)
+                       weight_decay=p.weight_decay, ema_decay=p.reference_ema,
+                       colour_constancy=p.reference_colour_constancy, **over)
 
 
 def _dp(p: Params, optimizer: str, backbone: Optional[str] = None,
