@@ -137,3 +137,68 @@ def test_the_references_own_colour_constancy():
     for bad in ("sog", "", None):
         with pytest.raises(ConfigError, match="reference_colour_constancy"):
             Params(**{**fields, "reference_colour_constancy": bad})
+
+
+def test_mixup_blends_each_image_with_its_partner():
+    from dpskin_core.training.augment import mix_batch
+
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out, perm, lam = mix_batch(x, "mixup", 0.4, torch.Generator().manual_seed(1))
+    assert 0.0 <= lam <= 1.0 and sorted(perm.tolist()) == list(range(16))
+    assert torch.allclose(out, lam * x + (1 - lam) * x[perm])
+    again = mix_batch(x, "mixup", 0.4, torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], out) and again[2] == lam  # one generator: the same draws
+
+
+def test_cutmix_pastes_one_box_whose_area_is_the_label_share():
+    from dpskin_core.training.augment import mix_batch
+
+    x = torch.rand(8, 3, 12, 10, generator=torch.Generator().manual_seed(0))
+    lams = []
+    for seed in range(20):
+        out, perm, lam = mix_batch(x, "cutmix", 1.0, torch.Generator().manual_seed(seed))
+        from_partner = (out == x[perm]).all(1) & (out != x).any(1)  # (N, H, W) pixels pasted
+        pasted = (out != x).any(1)
+        assert torch.equal(pasted, from_partner)  # every changed pixel is the partner's
+        kept = (out == x).all(1).float().mean(dim=(1, 2))  # share of each image left as is
+        moved = perm != torch.arange(8)
+        assert torch.allclose(kept[moved], torch.full_like(kept[moved], lam))
+        lams.append(lam)
+    assert len(set(lams)) > 5 and min(lams) <= 0.5 < max(lams)  # lam varies across batches
+
+
+def test_mixing_is_refused_under_dp_and_without_images():
+    base = dict(dataset="synthetic", epochs=1)
+    assert "mixing" not in RunConfig(**base).semantic_dict()  # off: run ids as before
+    assert RunConfig(**base, mixing="mixup", mixing_alpha=0.2).semantic_dict()["mixing_alpha"] == 0.2
+    with pytest.raises(ConfigError, match="mixing='cutmix'.*dp"):
+        RunConfig(**base, mixing="cutmix", dp=True, target_epsilon=8.0)
+    with pytest.raises(ConfigError, match="mixing"):
+        RunConfig(**base, mixing="mixup", features="colour", backbone="colour_linear")
+    for bad in ("mix", None):
+        with pytest.raises(ConfigError, match="mixing"):
+            RunConfig(**base, mixing=bad)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="mixing_alpha"):
+            RunConfig(**base, mixing="mixup", mixing_alpha=bad)
+
+
+def test_the_references_own_mixing_and_every_ema_checked_early():
+    """reference_mixing reaches the non-private references only; every EMA decay of a profile
+    is checked when the profile is read, before any run."""
+    from dpskin_core.book.registry import load_registry
+    from dpskin_core.training.recipes import RECIPES, Params
+
+    p = load_registry().params("cpu")
+    fields = {f: getattr(p, f) for f in Params.field_names()}
+    assert RECIPES.get("nonprivate-adam").config(p, seed=0).mixing == "none"
+    q = Params(**{**fields, "reference_mixing": "cutmix", "reference_mixing_alpha": 0.5})
+    cfg = RECIPES.get("nonprivate-adam").config(q, seed=0)
+    assert (cfg.mixing, cfg.mixing_alpha) == ("cutmix", 0.5)
+    assert RECIPES.get("dp-sgd").config(q, target_epsilon=8.0, seed=0).mixing == "none"
+    with pytest.raises(ConfigError, match="reference_mixing"):
+        Params(**{**fields, "reference_mixing": "blend"})
+    for name in ("dp_ema", "proposed_ema", "proposed_colour_ema"):
+        for bad in (1.0, 0.0, float("nan"), "0.9"):
+            with pytest.raises(ConfigError, match=name):
+                Params(**{**fields, name: bad})

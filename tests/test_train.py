@@ -153,6 +153,8 @@ def test_resume_matches_uninterrupted(tmp_path, dp):
     full = run(RunConfig(**kw), tmp_path / "a", data=data)
     resumed = run(RunConfig(**kw), tmp_path / "b", data=data)
     assert resumed.meta["resumed_at_epochs"] == [1]
+    # the record's wall time covers both segments, not only the resumed one
+    assert resumed.meta["wall_time_s"] > part.meta["wall_time_s"] > 0
     assert resumed.epsilon == full.epsilon
     wa = Checkpoint.load(full.run_dir / "checkpoints").model
     wb = Checkpoint.load(resumed.run_dir / "checkpoints").model
@@ -290,3 +292,22 @@ def test_collapse_to_one_class_is_in_the_record(tmp_path, monkeypatch):
     monkeypatch.undo()
     ok = run(RunConfig(**dict(BASE, epochs=3), name="learns"), tmp_path, data=random_bundle())
     assert ok.meta["collapsed"] is False and ok.final_metrics["predicted_classes"] > 1
+
+
+@pytest.mark.parametrize("mixing", ["mixup", "cutmix"])
+def test_a_mixed_run_trains_resumes_exactly_and_differs_from_the_plain_run(tmp_path, mixing):
+    """Batch mixing draws from the augmentation stream, so a resumed run replays it; it
+    changes what is learned (the weights differ from the unmixed run's)."""
+    kw = dict(BASE, epochs=2, optimizer="adam", lr=1e-3, class_weights="balanced")
+    data = random_bundle()
+    mixed = RunConfig(**kw, mixing=mixing, mixing_alpha=1.0)
+    full = run(mixed, tmp_path / "a", data=data)
+    run(mixed, tmp_path / "b", data=data, stop_after_epoch=1)
+    resumed = run(mixed, tmp_path / "b", data=data)
+    plain = run(RunConfig(**kw), tmp_path / "c", data=data)
+    assert full.run_id != plain.run_id
+    train = full.metrics[(full.metrics.split == "train") & (full.metrics.metric == "loss")]
+    assert np.isfinite(train.value).all() and len(train) == 2
+    wa, wb, wc = (Checkpoint.load(r.run_dir / "checkpoints").model for r in (full, resumed, plain))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)

@@ -129,3 +129,43 @@ def augment(
         x = ((x - mean) * c + mean) * b
         x = x.clamp_(0, 1)
     return x
+
+
+#: how a non-private batch is mixed after augmentation (:func:`mix_batch`)
+MIXINGS = ("none", "mixup", "cutmix")
+
+
+def mix_batch(
+    x: torch.Tensor, kind: str, alpha: float, generator: Optional[torch.Generator]
+) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """Mix a batch (N, C, H, W) with a random permutation of itself; returns the mixed batch,
+    the permutation and the weight ``lam`` of the original labels (the loss is
+    ``lam * loss(y) + (1 - lam) * loss(y[perm])``).
+
+    ``mixup`` (Zhang et al. 2018) blends whole images, ``lam * x + (1 - lam) * x[perm]``;
+    ``cutmix`` (Yun et al. 2019) pastes a box of area about ``1 - lam`` of the image from
+    ``x[perm]`` (clipped at the border; ``lam`` is then the area actually kept). ``lam`` is
+    drawn from Beta(alpha, alpha), once per batch, from ``generator``. A mixed input carries
+    two training images, so it is for non-private training only (under DP one image would
+    reach two per-sample gradients: the config refuses it).
+    """
+    if kind not in MIXINGS:
+        raise ConfigError(f"mixing={kind!r}; expected one of {', '.join(MIXINGS)}")
+    n, _, h, w = x.shape
+    perm = torch.randperm(n, generator=generator)
+    if kind == "none" or n < 2:
+        return x, perm, 1.0
+    # Beta(a, a) from two Gamma(a) draws of a numpy stream seeded from the torch generator:
+    # torch's own samplers take no generator, and the run must replay on resume
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    lam = float(rng.beta(alpha, alpha))
+    perm = perm.to(x.device)
+    if kind == "mixup":
+        return lam * x + (1.0 - lam) * x[perm], perm, lam
+    cut_h, cut_w = int(round(h * math.sqrt(1.0 - lam))), int(round(w * math.sqrt(1.0 - lam)))
+    cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))  # the box's centre (px)
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, h)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, w)
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+    return out, perm, 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 from ..constants import NORMALISATIONS
 from ..data import DATASETS
 from ..errors import ConfigError, UnknownNameError, check_number
-from .augment import COLOUR_CONSTANCY
+from .augment import COLOUR_CONSTANCY, MIXINGS
 from .backbones import BACKBONES
 from .frontends import FRONT_ENDS
 from .optim import OPTIMIZERS
@@ -82,6 +82,9 @@ class RunConfig:
     augment_color: float = 0.0              # colour jitter strength (0 = off; 0.1 = +-10 %)
     augment_translate: int = 0              # px: random shift in [-t, t] per axis (reflected
     #                                         border; 0 = off); pixel front end only
+    mixing: str = "none"                    # none | mixup | cutmix: each batch mixed with a
+    #                                         permutation of itself (non-private, pixels only)
+    mixing_alpha: float = 1.0               # lam ~ Beta(alpha, alpha), the share of each label
     # --- model ------------------------------------------------------------------------
     backbone: str = "smallcnn"
     pretrained_path: Optional[str] = None   # local state_dict only; nothing is downloaded
@@ -182,6 +185,8 @@ class RunConfig:
             off.add("momentum")
         if self.split.startswith("site:"):  # the held-out site is the test split
             off.add("test_frac")
+        if self.mixing == "none":  # (so configs without mixing keep their semantic fields)
+            off.update(("mixing", "mixing_alpha"))
         return frozenset(off)
 
     def semantic_dict(self) -> Dict[str, Any]:
@@ -247,7 +252,7 @@ def validate(cfg: RunConfig) -> None:
                           f"image_size={cfg.image_size}")
     for f in ("max_physical_batch_size", "early_stopping_patience", "num_threads"):
         _number(cfg, f, integer=True, positive=True, optional=True)
-    for f in ("lr", "max_grad_norm", "hist_noise", "stats_noise"):
+    for f in ("lr", "max_grad_norm", "hist_noise", "stats_noise", "mixing_alpha"):
         _number(cfg, f, positive=True)
     for f in ("momentum", "weight_decay", "augment_color", "la_tau", "la_tau_kept",
               "warmup_epochs"):
@@ -280,6 +285,14 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg, "eval_split", EVAL_SPLITS)
     _choice(cfg, "feature_norm", FEATURE_NORMS)
     _choice(cfg, "colour_constancy", COLOUR_CONSTANCY.names())
+    _choice(cfg, "mixing", MIXINGS)
+    if cfg.mixing != "none" and cfg.dp:
+        raise ConfigError(f"mixing={cfg.mixing!r} puts two training images into one input, so "
+                          "one image would reach two per-sample gradients: the DP guarantee "
+                          "(clipping per image) would not hold; use mixing='none' under dp")
+    if cfg.mixing != "none" and cfg.features != "pixels":
+        raise ConfigError(f"mixing={cfg.mixing!r} mixes images; features={cfg.features!r} "
+                          "gives no images (use features='pixels')")
     if cfg.colour_constancy != "none" and cfg.features == "given":
         raise ConfigError(f"colour_constancy={cfg.colour_constancy!r} corrects images; "
                           "features='given' takes rows encoded by the caller")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, check_number
 from ..registry import Registry
-from .augment import COLOUR_CONSTANCY
+from .augment import COLOUR_CONSTANCY, MIXINGS
 from .backbones import BACKBONES
 from .config import RunConfig
 
@@ -121,6 +121,10 @@ class Params:
     #: each image divided by its own illuminant estimate, before the network; reads no other
     #: image and no label)
     reference_colour_constancy: str = "none"
+    #: the non-private references' batch mixing (``RunConfig.mixing``: none | mixup | cutmix)
+    #: and its Beta(alpha, alpha) parameter; refused under DP (one image in two inputs)
+    reference_mixing: str = "none"
+    reference_mixing_alpha: float = 1.0
     #: the end-to-end DP recipes' prior strength kept at prediction (``RunConfig.la_tau_kept``:
     #: the released predictor's logits are f(x) + this * log(noisy prior); post-processing)
     dp_la_tau_kept: float = 0.0
@@ -137,15 +141,22 @@ class Params:
         check_number(self.dp_la_tau_kept, "profile parameter dp_la_tau_kept", nonnegative=True)
         check_number(self.weight_decay, "profile parameter weight_decay", nonnegative=True)
         check_number(self.reference_la_tau, "profile parameter reference_la_tau", nonnegative=True)
-        check_number(self.reference_ema, "profile parameter reference_ema", positive=True,
-                     optional=True)
+        # every EMA decay is per step, in (0, 1): checked here, before any run of the profile
+        for name in ("reference_ema", "dp_ema", "proposed_ema", "proposed_colour_ema"):
+            check_number(getattr(self, name), f"profile parameter {name}", positive=True,
+                         optional=True)
+            if getattr(self, name) is not None and not getattr(self, name) < 1:
+                raise ConfigError(f"profile parameter {name} must be in (0, 1), "
+                                  f"got {getattr(self, name)!r}")
+        check_number(self.reference_mixing_alpha, "profile parameter reference_mixing_alpha",
+                     positive=True)
+        if self.reference_mixing not in MIXINGS:
+            raise ConfigError(f"profile parameter reference_mixing={self.reference_mixing!r}; "
+                              f"known: {', '.join(MIXINGS)}")
         if self.reference_colour_constancy not in COLOUR_CONSTANCY.names():
             raise ConfigError(f"profile parameter reference_colour_constancy="
                               f"{self.reference_colour_constancy!r}; known: "
                               f"{', '.join(COLOUR_CONSTANCY.names())}")
-        if self.reference_ema is not None and not self.reference_ema < 1:
-            raise ConfigError(f"profile parameter reference_ema must be in (0, 1), "
-                              f"got {self.reference_ema!r}")
         for name in ("proposed_image_size", "proposed_colour_epochs"):
             check_number(getattr(self, name), f"profile parameter {name}", integer=True,
                          positive=True, optional=True)
@@ -318,7 +329,8 @@ def _reference(p: Params, **over: Any) -> RunConfig:
                        warmup_epochs=p.warmup_epochs, lr_schedule=p.lr_schedule,
                        augment_color=p.augment_color, augment_translate=p.augment_translate,
                        weight_decay=p.weight_decay, ema_decay=p.reference_ema,
-                       colour_constancy=p.reference_colour_constancy, **over)
+                       colour_constancy=p.reference_colour_constancy,
+                       mixing=p.reference_mixing, mixing_alpha=p.reference_mixing_alpha, **over)
 
 
 def _dp(p: Params, optimizer: str, backbone: Optional[str] = None,
@@ -496,7 +508,7 @@ def ablation_scatter_front_end(p: Params) -> RunConfig:
 #: a morphed sample cannot be flipped, rotated or colour-jittered without the key: the MpLe
 #: runs, and the plain run they are compared with, see each image as it is
 _NO_AUGMENTATION = dict(augment_flips=False, augment_rot90=False, augment_color=0.0,
-                        augment_translate=0)
+                        augment_translate=0, mixing="none")
 
 
 @_recipe("mple/plain-no-augmentation", "plain, no augmentation", E2E)
@@ -524,7 +536,7 @@ def mple_dp_sgd(p: Params, backbone: Optional[str] = None,
 #: the attacked end-to-end models train at a constant rate for a fixed number of epochs,
 #: without colour jitter or shifts (as the attacks chapter has measured them)
 _PLAIN = dict(early_stopping_patience=None, warmup_epochs=0.0, lr_schedule="constant",
-              augment_color=0.0, augment_translate=0)
+              augment_color=0.0, augment_translate=0, mixing="none")
 
 
 def _attack(cfg: RunConfig, p: Params) -> RunConfig:

@@ -48,6 +48,7 @@ from ..data import DataBundle, DataSpec, load_data
 from ..errors import ConfigError
 from ..files import read_json, write_atomic, write_json
 from . import privacy, records
+from .augment import mix_batch
 from .backbones import build_backbone
 from .checkpoint import Checkpoint, StateDict, dp_seed, released_weights, save_best
 from .config import RunConfig, grad_sample_settings
@@ -473,6 +474,11 @@ class Session:
     epoch: int = 0                # last finished epoch
     eps: Optional[float] = None   # eps spent after the last training epoch (None: non-private)
     t_start: float = field(default_factory=time.perf_counter)
+    wall_before_s: float = 0.0    # wall time (s) of the run's earlier segments (resumes)
+
+    def wall_time_s(self) -> float:
+        """Wall time of the whole run so far (s): earlier segments plus this one."""
+        return self.wall_before_s + time.perf_counter() - self.t_start
 
     @property
     def meta_path(self) -> Path:
@@ -542,6 +548,7 @@ def resume(s: Session) -> None:
             s.start_epoch = cfg.epochs + 1
         s.meta = read_json(s.meta_path) if s.meta_path.is_file() else {}
         s.meta.setdefault("resumed_at_epochs", []).append(ck.epoch)
+        s.wall_before_s = float(s.meta.get("wall_time_s", 0.0))
     data, device = s.data, s.device
     s.meta.update({
         "run_id": s.run_dir.name, "name": cfg.name, "recipe": cfg.recipe, "method": cfg.method,
@@ -612,10 +619,15 @@ def train_one_epoch(s: Session, epoch: int) -> Dict[str, float]:
             idx = idx[s.world.rank::s.world.size]  # this rank's slice of the shared batch
         xb = inputs.train_batch(idx, st.g_aug)  # (B*K, ...) augmented views
         yb = y_tr[idx].to(s.device, non_blocking=True).repeat_interleave(k)
+        lam, perm = 1.0, None
+        if cfg.mixing != "none":  # non-private only (the config refuses it under DP)
+            xb, perm, lam = mix_batch(xb, cfg.mixing, cfg.mixing_alpha, st.g_aug)
         optimizer.zero_grad(set_to_none=True)
         if len(idx) > 0 or private:  # Opacus clips an empty batch to zero and adds the noise
             out = model(xb)
             loss = st.criterion(out, yb)
+            if perm is not None and lam < 1.0:  # each mixed input carries two labels
+                loss = lam * loss + (1.0 - lam) * st.criterion(out, yb[perm])
             loss.backward()
             if private and k > 1:
                 from .technique import average_grad_samples
@@ -627,7 +639,10 @@ def train_one_epoch(s: Session, epoch: int) -> Dict[str, float]:
                 aggregate_grad_samples(model, st.units[idx])  # one gradient per lesion
             if len(idx) > 0:
                 loss_sum += loss.item() * len(idx)
-                correct += int((out.argmax(1) == yb).sum()) / k
+                hit = (out.argmax(1) == yb).float()
+                if perm is not None:  # a mixed input is right in proportion to its labels
+                    hit = lam * hit + (1.0 - lam) * (out.argmax(1) == yb[perm]).float()
+                correct += float(hit.sum()) / k
                 seen += len(idx)
         optimizer.step()
         if not getattr(optimizer, "_is_last_step_skipped", False):
@@ -696,6 +711,7 @@ def checkpoint(s: Session, epoch: int, early_stopped: bool = False) -> None:
              "noise": st.g_noise.get_state(), "augment": st.g_aug.get_state(),
              "numpy": np.random.get_state(), "python": random.getstate()},
         best=s.best, rows=s.rows, early_stopped=early_stopped).save(s.ckpt_dir)
+    s.meta["wall_time_s"] = s.wall_time_s()  # so far: a killed run keeps its earlier segments'
     s.write_meta()
 
 
@@ -735,7 +751,7 @@ def finish(s: Session) -> RunResult:
         "status": "complete", "epsilon": eps, "steps": steps_taken,
         "collapsed": bool(final["predicted_classes"] <= 1),  # the released model predicts one class
         "final_metrics": final, "eval_epoch": eval_epoch, "eval_split": cfg.eval_split,
-        "wall_time_s": s.meta.get("wall_time_s", 0.0) + time.perf_counter() - s.t_start,
+        "wall_time_s": s.wall_time_s(),
         "train_images_per_s": s.meta.get("train_images", 0) / train_time if train_time else None,
         "seconds_per_step": train_time / max(1, steps_taken),
         "peak_memory_mb": _peak_memory_mb(s.device),
@@ -802,6 +818,7 @@ def run(
             return result if result is not None else _load_result(run_dir, cfg)
         except BaseException:
             s.meta["status"] = "interrupted"
+            s.meta["wall_time_s"] = s.wall_time_s()
             s.write_meta()
             raise
 
