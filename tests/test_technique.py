@@ -307,3 +307,16 @@ def test_a_kept_prior_shifts_the_released_predictor_and_nothing_else(tmp_path):
                        (dict(la_tau_kept=-0.5), "la_tau_kept")]:
         with pytest.raises(ConfigError, match=match):
             cfg.replace(**bad)
+
+
+def test_prior_loss_is_the_logit_adjusted_loss_of_the_floored_prior():
+    from dpskin_core.training.technique import log_prior, prior_loss
+
+    counts = np.array([120.4, 0.0, -3.0, 15.0, 7.5, 2.0, 40.0])  # noisy: a zero and a negative
+    loss = prior_loss(counts, 2.0)
+    assert isinstance(loss, LogitAdjustedLoss) and loss.tau == 2.0
+    assert torch.allclose(loss.shift, torch.tensor(2.0 * log_prior(counts), dtype=torch.float32))
+    assert loss.shift[1] == loss.shift[2]  # both floored at one image
+    logits, y = torch.zeros(4, 7), torch.tensor([0, 1, 3, 6])
+    expect = torch.nn.functional.cross_entropy(logits + loss.shift, y)
+    assert torch.allclose(loss(logits, y), expect)

@@ -36,7 +36,7 @@ from ..training.backbones import build_backbone
 from ..training.checkpoint import StateDict
 from ..training.frontends import Inputs
 from ..training.metrics import evaluate as classification_metrics
-from ..training.technique import LogitAdjustedLoss, kept_prior_shift, log_prior
+from ..training.technique import kept_prior_shift, prior_loss
 from ..training.distributed import unwrap
 from ..training.trainer import pick_device, predict_proba, prefix_history, start, train_one_epoch
 from .partitions import Client
@@ -139,8 +139,7 @@ def kept_shift(client: Client, cfg: RunConfig, state_dir: Path,
     else:  # the federation's prior: the loss build_criterion makes of it, no secret of the
         # client's read (a site of virtual clients, scored under prior='global', has none)
         _check_prior_client(client, cfg)
-        criterion = LogitAdjustedLoss(log_prior(np.asarray(prior_counts, dtype=np.float64)),
-                                      cfg.la_tau)
+        criterion = prior_loss(prior_counts, cfg.la_tau)
     return kept_prior_shift(criterion, cfg.la_tau_kept).double().numpy()
 
 

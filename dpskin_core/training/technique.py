@@ -142,6 +142,13 @@ class LogitAdjustedLoss(nn.Module):
         return nn.functional.cross_entropy(logits + self.shift.to(logits.dtype), y)
 
 
+def prior_loss(counts: np.ndarray, tau: float) -> LogitAdjustedLoss:
+    """The logit-adjusted loss at strength ``tau`` of the class prior of ``counts`` (noisy
+    under DP; floored at one as :func:`log_prior`): the one place a prior becomes a loss, so
+    a run's training and a federation's kept shift build the same one."""
+    return LogitAdjustedLoss(log_prior(np.asarray(counts, dtype=np.float64)), tau)
+
+
 def kept_prior_shift(loss: LogitAdjustedLoss, tau_kept: float) -> torch.Tensor:
     """The shift (C,) added to the logits of a model trained by ``loss`` at prediction:
     ``tau_kept * log_prior``, a post-hoc logit adjustment (Menon et al. 2021, Sec. 4) on top of

@@ -214,7 +214,7 @@ def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
             raise ConfigError(f"prior_counts: expected {len(CLASSES)} finite class counts, got "
                               f"{prior_counts.tolist()}")
     if cfg.logit_adjust:
-        from .technique import LogitAdjustedLoss, log_prior, noisy_class_histogram
+        from .technique import noisy_class_histogram, prior_loss
 
         prefix: tuple = ()
         released: Dict[str, Any] = {}
@@ -229,7 +229,7 @@ def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
             counts = prior_counts
             released["prior"] = {"counts": prior_counts.round(2).tolist(),
                                  "source": "given (e.g. a federation's summed noisy histograms)"}
-        return LogitAdjustedLoss(log_prior(counts), cfg.la_tau).to(device), prefix, released
+        return prior_loss(counts, cfg.la_tau).to(device), prefix, released
     if cfg.class_weights == "balanced":
         from .technique import balanced_weights
 
