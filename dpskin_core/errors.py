@@ -6,6 +6,8 @@ computed is lost.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 
 class DpskinError(Exception):
     """Base class of every error dpskin raises on purpose."""
@@ -35,17 +37,22 @@ class RunLockedError(DpskinError, RuntimeError):
 
 
 def check_number(value: object, what: str, *, integer: bool = False, positive: bool = False,
-                 nonnegative: bool = False, optional: bool = False) -> None:
+                 nonnegative: bool = False, optional: bool = False,
+                 below: Optional[float] = None) -> None:
     """Raise :class:`ConfigError` naming ``what`` unless ``value`` is a finite number (an int
-    when ``integer``; a bool is neither), > 0 when ``positive``, >= 0 when ``nonnegative``;
-    None passes when ``optional``. The one number check of configs, profiles and registries."""
+    when ``integer``; a bool is neither), > 0 when ``positive``, >= 0 when ``nonnegative``,
+    < ``below`` when given; None passes when ``optional``. The one number check of configs,
+    profiles and registries."""
     import math
 
     if value is None and optional:
         return
     sign = "positive " if positive else "non-negative " if nonnegative else ""
     kind = f"{sign}integer" if integer else f"finite {sign}number"
+    if below is not None:
+        kind += f" below {below:g}"
     kinds = (int,) if integer else (int, float)
     if (isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value)
-            or (positive and not value > 0) or (nonnegative and not value >= 0)):
+            or (positive and not value > 0) or (nonnegative and not value >= 0)
+            or (below is not None and not value < below)):
         raise ConfigError(f"{what} must be a {kind}{' or None' if optional else ''}, got {value!r}")

@@ -50,3 +50,13 @@ def test_from_yaml(tmp_path):
     assert cfg.dp and cfg.target_epsilon == 8 and cfg.method == "dp-sgd"
     with pytest.raises(ConfigError, match="not found"):
         RunConfig.from_file(tmp_path / "missing.yaml")
+
+
+def test_an_open_upper_bound_is_part_of_the_one_number_check():
+    from dpskin_core.errors import check_number
+
+    check_number(0.999, "decay", positive=True, below=1)
+    check_number(None, "decay", positive=True, optional=True, below=1)
+    for bad in (1, 1.0, 1.5, float("inf")):
+        with pytest.raises(ConfigError, match="decay must be a finite positive number below 1"):
+            check_number(bad, "decay", positive=True, below=1)

@@ -167,5 +167,5 @@ def mix_batch(
     y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, h)
     x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, w)
     out = x.clone()
-    out[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+    out[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]  # only the box of each partner
     return out, perm, 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)

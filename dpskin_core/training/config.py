@@ -264,7 +264,7 @@ def validate(cfg: RunConfig) -> None:
                           f"(got dp={cfg.dp}, logit_adjust={cfg.logit_adjust})")
     for f in ("val_frac", "test_frac"):
         _number(cfg, f, positive=True)
-    _number(cfg, "ema_decay", positive=True, optional=True)
+    _number(cfg, "ema_decay", positive=True, optional=True, below=1)
     _number(cfg, "target_epsilon", positive=True, optional=True)
     _number(cfg, "delta", positive=True, optional=True)
     for f in ("augment_flips", "augment_rot90", "logit_adjust", "dp", "progress"):
@@ -324,8 +324,6 @@ def validate(cfg: RunConfig) -> None:
         if cfg.feature_norm == "private" and front.norm_bound is None:
             raise ConfigError(f"feature_norm='private' needs rows of bounded norm; front end "
                               f"features={cfg.features!r} gives none")
-    if cfg.ema_decay is not None and not cfg.ema_decay < 1:
-        raise ConfigError(f"ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
     if cfg.normalisation not in NORMALISATIONS:
         raise ConfigError(f"normalisation={cfg.normalisation!r}; expected one of "
                           f"{', '.join(NORMALISATIONS)}")

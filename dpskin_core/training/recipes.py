@@ -144,10 +144,7 @@ class Params:
         # every EMA decay is per step, in (0, 1): checked here, before any run of the profile
         for name in ("reference_ema", "dp_ema", "proposed_ema", "proposed_colour_ema"):
             check_number(getattr(self, name), f"profile parameter {name}", positive=True,
-                         optional=True)
-            if getattr(self, name) is not None and not getattr(self, name) < 1:
-                raise ConfigError(f"profile parameter {name} must be in (0, 1), "
-                                  f"got {getattr(self, name)!r}")
+                         optional=True, below=1)
         check_number(self.reference_mixing_alpha, "profile parameter reference_mixing_alpha",
                      positive=True)
         if self.reference_mixing not in MIXINGS:

@@ -639,9 +639,10 @@ def train_one_epoch(s: Session, epoch: int) -> Dict[str, float]:
                 aggregate_grad_samples(model, st.units[idx])  # one gradient per lesion
             if len(idx) > 0:
                 loss_sum += loss.item() * len(idx)
-                hit = (out.argmax(1) == yb).float()
+                pred = out.argmax(1)
+                hit = (pred == yb).float()
                 if perm is not None:  # a mixed input is right in proportion to its labels
-                    hit = lam * hit + (1.0 - lam) * (out.argmax(1) == yb[perm]).float()
+                    hit = lam * hit + (1.0 - lam) * (pred == yb[perm]).float()
                 correct += float(hit.sum()) / k
                 seen += len(idx)
         optimizer.step()
