@@ -2,12 +2,15 @@
 recipes use it, and the values it rejects."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from dpskin_core.errors import ConfigError
 from dpskin_core.training.augment import augment, translate_batch
 from dpskin_core.training.config import RunConfig
+from dpskin_core.training.records import config_hash
 
 
 def _offsets(out: torch.Tensor, x: torch.Tensor, t: int) -> list:
@@ -202,3 +205,96 @@ def test_the_references_own_mixing_and_every_ema_checked_early():
         for bad in (1.0, 0.0, float("nan"), "0.9"):
             with pytest.raises(ConfigError, match=name):
                 Params(**{**fields, name: bad})
+
+
+# --------------------------------------------------------------------------- rotation and zoom
+def test_rotate_zoom_is_the_identity_at_angle_zero_and_rot90_at_a_quarter_turn():
+    from dpskin_core.training.augment import rotate_zoom
+
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(rotate_zoom(x, torch.zeros(3), torch.ones(3)), x, atol=1e-6)
+    quarter = rotate_zoom(x, torch.full((3,), math.pi / 2), torch.ones(3))
+    assert torch.allclose(quarter, torch.rot90(x, 1, (2, 3)), atol=1e-5)
+    assert not torch.allclose(quarter, torch.rot90(x, -1, (2, 3)), atol=1e-2)
+    # a non-square image turned by a half turn is the image reversed on both axes (rigid)
+    r = torch.rand(2, 1, 6, 10)
+    half = rotate_zoom(r, torch.full((2,), math.pi), torch.ones(2))
+    assert torch.allclose(half, r.flip(2).flip(3), atol=1e-5)
+
+
+def test_zoom_magnifies_about_the_centre():
+    from dpskin_core.training.augment import rotate_zoom
+
+    ramp = torch.arange(16.0).view(1, 1, 1, 16).expand(1, 1, 16, 16).contiguous()
+    out = rotate_zoom(ramp, torch.zeros(1), torch.full((1,), 2.0))
+    # twice the magnification halves the slope across the columns, about the centre (7.5)
+    slope = out[0, 0, 8, 9] - out[0, 0, 8, 8]
+    assert math.isclose(float(slope), 0.5, abs_tol=1e-5)
+    assert math.isclose(float(out[0, 0, 8, 7:9].mean()), 7.5, abs_tol=1e-5)
+    shrunk = rotate_zoom(ramp, torch.zeros(1), torch.full((1,), 0.8))
+    assert math.isclose(float(shrunk[0, 0, 8, 9] - shrunk[0, 0, 8, 8]), 1.25, abs_tol=1e-5)
+
+
+def test_random_rotation_and_zoom_draw_per_image_reproducibly_and_nothing_when_off():
+    from dpskin_core.training.augment import rotate_zoom_batch
+
+    x = torch.rand(32, 3, 12, 12)
+    a = augment(x, torch.Generator().manual_seed(5), rotate=True, zoom=0.2)
+    b = augment(x, torch.Generator().manual_seed(5), rotate=True, zoom=0.2)
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    # each image its own angle: the images' changes differ
+    diffs = {round(float((a[i] - x[i]).abs().mean()), 4) for i in range(32)}
+    assert len(diffs) > 20
+    # off: no draw, so the other options' draws are those of the code without them
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(augment(x, g1, color=0.2, rotate=False, zoom=0.0), augment(x, g2, color=0.2))
+    assert torch.equal(g1.get_state(), g2.get_state())
+    # zoom alone keeps the orientation: a constant image stays constant, a blank stays blank
+    c = torch.full((4, 3, 12, 12), 0.3)
+    assert torch.allclose(rotate_zoom_batch(c, True, 0.5, torch.Generator().manual_seed(0)), c)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ConfigError, match="augment_zoom"):
+            rotate_zoom_batch(x, False, bad, None)
+
+
+def test_rotation_and_zoom_are_checked_and_left_out_of_the_run_id_when_off():
+    base = RunConfig()
+    assert "augment_rotate" not in base.semantic_dict()
+    assert "augment_zoom" not in base.semantic_dict()
+    on = RunConfig(augment_rotate=True, augment_zoom=0.2)
+    assert on.semantic_dict()["augment_rotate"] is True
+    assert on.semantic_dict()["augment_zoom"] == 0.2
+    assert len({config_hash(c, "v") for c in (base, on, RunConfig(augment_zoom=0.2))}) == 3
+    for bad in (1.0, 1.5, -0.1, float("inf"), "0.2", True):
+        with pytest.raises(ConfigError, match="augment_zoom"):
+            RunConfig(augment_zoom=bad)
+    for bad in (1, "yes", None):
+        with pytest.raises(ConfigError, match="augment_rotate"):
+            RunConfig(augment_rotate=bad)
+
+
+def test_the_recipes_rotate_and_zoom_references_and_dp_runs_by_their_own_parameters_only():
+    from dpskin_core.book.registry import load_registry
+    from dpskin_core.training.recipes import RECIPES, Params
+
+    p = load_registry().params("cpu")
+    fields = {f: getattr(p, f) for f in Params.field_names()}
+    q = Params(**{**fields, "augment_rotate": True, "augment_zoom": 0.2,
+                  "dp_augment_rotate": False, "dp_augment_zoom": 0.1})
+    for name in ("nonprivate-adam", "nonprivate-sgd"):
+        c = RECIPES.get(name).config(q, seed=0)
+        assert (c.augment_rotate, c.augment_zoom) == (True, 0.2), name
+    c = RECIPES.get("loso-adam").configs(q, seeds=[0])[0]
+    assert (c.augment_rotate, c.augment_zoom) == (True, 0.2)
+    for name in ("dp-sgd", "dp-adam"):
+        c = RECIPES.get(name).config(q, target_epsilon=8.0, seed=0)
+        assert (c.augment_rotate, c.augment_zoom) == (False, 0.1), name
+    # the attacked models and MpLe's runs see their images as they are, as measured
+    for name in ("attack/nonprivate", "attack/nonprivate-no-augmentation", "attack/dp-sgd",
+                 "attack/dp-adam", "mple/plain-no-augmentation", "mple/dp-sgd"):
+        c = RECIPES.get(name).configs(q, n_train=5000)[0]
+        assert (c.augment_rotate, c.augment_zoom) == (False, 0.0), name
+    for name, bad in (("augment_zoom", 1.0), ("dp_augment_zoom", -0.5), ("augment_rotate", 1),
+                      ("dp_augment_rotate", "true")):
+        with pytest.raises(ConfigError, match=name):
+            Params(**{**fields, name: bad})

@@ -80,3 +80,24 @@ def test_balanced_weights_give_every_class_the_same_total_weight():
     ham = np.array([HAM10000_COUNTS[c] for c in CLASSES], dtype=float)
     np.testing.assert_allclose(published_balanced_weights(), balanced_weights(ham))
     np.testing.assert_allclose(published_balanced_weights() * ham, [ham.sum() / 7] * 7)
+
+
+def test_sqrt_resampling_gives_every_class_the_same_expected_loss_weight():
+    """Drawn in proportion to sqrt(n_c) and weighted by n_c^-1/2, each class carries the same
+    expected share of the loss, as with the balanced weights, at sqrt of their spread."""
+    from dpskin_core.training.technique import (balanced_weights, class_loss_weights,
+                                                class_sampling_weights)
+
+    labels = np.repeat(np.arange(3), [400, 100, 25])
+    p = class_sampling_weights(labels, 3)
+    assert p.dtype == np.float64 and np.isclose(p.sum(), 1.0)
+    share = np.bincount(labels, weights=p, minlength=3)  # each class's chance of a draw
+    np.testing.assert_allclose(share / share.sum(), np.sqrt([400, 100, 25]) / np.sqrt(
+        [400, 100, 25]).sum())
+    counts = np.bincount(labels).astype(float)
+    w = class_loss_weights(counts, "sqrt-resampled")
+    np.testing.assert_allclose(share * w / (share * w).sum(), [1 / 3] * 3)
+    np.testing.assert_allclose(class_loss_weights(counts, "balanced"), balanced_weights(counts))
+    np.testing.assert_allclose(w, np.sqrt(balanced_weights(counts)))
+    with pytest.raises(ConfigError, match="class_weights='none'"):
+        class_loss_weights(counts, "none")

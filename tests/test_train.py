@@ -311,3 +311,42 @@ def test_a_mixed_run_trains_resumes_exactly_and_differs_from_the_plain_run(tmp_p
     wa, wb, wc = (Checkpoint.load(r.run_dir / "checkpoints").model for r in (full, resumed, plain))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_a_sqrt_resampled_run_draws_rare_classes_more_often_and_resumes_exactly(tmp_path,
+                                                                               monkeypatch):
+    """class_weights='sqrt-resampled' draws each batch with replacement, class c in proportion
+    to sqrt(n_c), from the sampling stream (so a resumed run replays it) and weights the loss
+    by n_c^-1/2; it is refused under DP (it reads the exact counts)."""
+    from dpskin_core.training import trainer
+
+    kw = dict(BASE, epochs=2, optimizer="adam", lr=1e-3)
+    data = random_bundle()
+    cfg = RunConfig(**kw, class_weights="sqrt-resampled")
+    seen = []
+    real = trainer.DataLoader
+
+    def spy(*a, **k):  # the loaders the run builds
+        loader = real(*a, **k)
+        seen.append(loader)
+        return loader
+
+    monkeypatch.setattr(trainer, "DataLoader", spy)
+    full = run(cfg, tmp_path / "a", data=data)
+    monkeypatch.undo()
+    sampler = seen[0].sampler
+    assert isinstance(sampler, torch.utils.data.WeightedRandomSampler) and sampler.replacement
+    assert sampler.num_samples == len(data.y_train)
+    counts = np.bincount(data.y_train)
+    few, many = counts.argmin(), counts.argmax()
+    assert counts[few] < counts[many]  # each image of the rarer class is drawn more often
+    weights = sampler.weights.numpy()
+    assert weights[data.y_train == few].min() > weights[data.y_train == many].max()
+    run(cfg, tmp_path / "b", data=data, stop_after_epoch=1)
+    resumed = run(cfg, tmp_path / "b", data=data)
+    plain = run(RunConfig(**kw, class_weights="balanced"), tmp_path / "c", data=data)
+    wa, wb, wc = (Checkpoint.load(r.run_dir / "checkpoints").model for r in (full, resumed, plain))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    with pytest.raises(ConfigError, match="class_weights='sqrt-resampled'"):
+        RunConfig(**dict(kw, dp=True, target_epsilon=8.0), class_weights="sqrt-resampled")

@@ -86,6 +86,39 @@ def translate_batch(x: torch.Tensor, t: int, generator: Optional[torch.Generator
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def rotate_zoom_batch(x: torch.Tensor, rotate: bool, zoom: float,
+                      generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Rotate each image of a float batch (N, C, H, W) about its centre by its own random angle,
+    uniform in [0, 360) degrees when ``rotate``, and scale it by its own factor, uniform in
+    [1 - zoom, 1 + zoom] (> 1 zooms in); one bilinear resampling, the uncovered border filled
+    by reflection (as :func:`translate_batch`). The angle is drawn before the factor, each only
+    when on. Raises ``ConfigError`` unless 0 <= zoom < 1."""
+    if not (isinstance(zoom, (int, float)) and math.isfinite(zoom) and 0 <= zoom < 1):
+        raise ConfigError(f"augment_zoom={zoom!r}: must be in [0, 1)")
+    n = x.shape[0]
+    angle = (2 * math.pi * torch.rand(n, generator=generator) if rotate
+             else torch.zeros(n))  # radians
+    scale = (1 + zoom * (2 * torch.rand(n, generator=generator) - 1) if zoom > 0
+             else torch.ones(n))
+    return rotate_zoom(x, angle, scale)
+
+
+def rotate_zoom(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Image i of a float batch (N, C, H, W) rotated about its centre by ``angle[i]`` radians
+    (counter-clockwise as displayed, rows downward) and magnified ``scale[i]`` times, sampled
+    bilinearly with a reflected border; angle 0 and scale 1 give the image back."""
+    n, _, h, w = x.shape
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # output -> input coordinates in affine_grid's [-1, 1] units, rotated in pixel units: the
+    # h/w and w/h factors keep a non-square image's rotation rigid
+    theta = torch.stack([torch.stack([cos, -sin * h / w, torch.zeros(n)], 1),
+                         torch.stack([sin * w / h, cos, torch.zeros(n)], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta.to(x.device, x.dtype), list(x.shape),
+                                           align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                                           align_corners=False)
+
+
 def augment(
     x: torch.Tensor,
     generator: Optional[torch.Generator],
@@ -94,16 +127,19 @@ def augment(
     rot90: bool = True,
     color: float = 0.0,
     translate: int = 0,
+    rotate: bool = False,
+    zoom: float = 0.0,
 ) -> torch.Tensor:
-    """Randomly shift / flip / rotate by multiples of 90 degrees / colour-jitter a float batch
-    in [0, 1].
+    """Randomly shift / rotate and zoom / flip / rotate by multiples of 90 degrees /
+    colour-jitter a float batch in [0, 1].
 
     ``translate`` is the largest shift in px: each image moves by offsets drawn uniformly from
     [-translate, translate] on each axis, its border reflected into the gap
-    (:func:`translate_batch`); at 0 it draws no random number, so the other options' draws are
-    those of the code without it. ``color`` is the jitter strength: brightness and contrast
-    factors drawn uniformly from [1 - color, 1 + color] per image. Operates before
-    normalisation.
+    (:func:`translate_batch`). ``rotate`` (any angle) and ``zoom`` (scale in
+    [1 - zoom, 1 + zoom]) resample each image once (:func:`rotate_zoom_batch`). An option that
+    is off draws no random number, so the other options' draws are those of the code without
+    it. ``color`` is the jitter strength: brightness and contrast factors drawn uniformly from
+    [1 - color, 1 + color] per image. Operates before normalisation.
     """
     n = x.shape[0]
     if n == 0:
@@ -111,6 +147,8 @@ def augment(
     dev = x.device
     if translate > 0:
         x = translate_batch(x, translate, generator)
+    if rotate or zoom > 0:
+        x = rotate_zoom_batch(x, rotate, zoom, generator)
 
     def coin() -> torch.Tensor:
         return (torch.rand(n, generator=generator) < 0.5).to(dev).view(n, 1, 1, 1)

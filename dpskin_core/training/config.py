@@ -41,7 +41,7 @@ FEATURE_NORMS = ("none", "private", "exact")
 STANDARDISING_HEADS = ("derm_linear",)
 
 LR_SCHEDULES = ("constant", "cosine")
-CLASS_WEIGHTS = ("none", "balanced")
+CLASS_WEIGHTS = ("none", "balanced", "sqrt-resampled")
 EVAL_SPLITS = ("val", "test")
 SPLITS = ("lesion", "official")
 #: where the DP randomness (Poisson sampling, gradient noise, noisy releases) comes from:
@@ -82,6 +82,8 @@ class RunConfig:
     augment_color: float = 0.0              # colour jitter strength (0 = off; 0.1 = +-10 %)
     augment_translate: int = 0              # px: random shift in [-t, t] per axis (reflected
     #                                         border; 0 = off); pixel front end only
+    augment_rotate: bool = False            # random rotation by any angle (reflected border)
+    augment_zoom: float = 0.0               # random scale in [1 - z, 1 + z] (0 = off; < 1)
     mixing: str = "none"                    # none | mixup | cutmix: each batch mixed with a
     #                                         permutation of itself (non-private, pixels only)
     mixing_alpha: float = 1.0               # lam ~ Beta(alpha, alpha), the share of each label
@@ -98,7 +100,10 @@ class RunConfig:
     epochs: int = 10
     batch_size: int = 128                   # expected (logical) batch size; Poisson under DP
     max_physical_batch_size: Optional[int] = None  # split logical batches to bound memory
-    class_weights: str = "none"             # none | balanced (non-private only: uses counts)
+    class_weights: str = "none"             # none | balanced | sqrt-resampled: the loss weighted
+    #                                         by N / (K n_c), or batches drawn with replacement
+    #                                         in proportion to n_c^-1/2 and the loss weighted by
+    #                                         n_c^-1/2 (non-private only: both read the counts)
     early_stopping_patience: Optional[int] = None  # epochs without val improvement
     eval_split: str = "test"                # split whose predictions are the run's result
     # --- the proposed technique (training.technique, training.frontends); all off by default
@@ -187,6 +192,10 @@ class RunConfig:
             off.add("test_frac")
         if self.mixing == "none":  # (so configs without mixing keep their semantic fields)
             off.update(("mixing", "mixing_alpha"))
+        if not self.augment_rotate:  # (likewise for configs without the rotation or zoom)
+            off.add("augment_rotate")
+        if self.augment_zoom == 0:
+            off.add("augment_zoom")
         return frozenset(off)
 
     def semantic_dict(self) -> Dict[str, Any]:
@@ -257,6 +266,7 @@ def validate(cfg: RunConfig) -> None:
     for f in ("momentum", "weight_decay", "augment_color", "la_tau", "la_tau_kept",
               "warmup_epochs"):
         _number(cfg, f, nonnegative=True)
+    _number(cfg, "augment_zoom", nonnegative=True, below=1)
     if cfg.la_tau_kept > 0 and not (cfg.logit_adjust and cfg.dp):
         # the shift is built from the prior of the logit-adjusted loss; only a DP run's prior is
         # a release (its noisy histogram): a non-private run would publish exact class counts
@@ -267,7 +277,7 @@ def validate(cfg: RunConfig) -> None:
     _number(cfg, "ema_decay", positive=True, optional=True, below=1)
     _number(cfg, "target_epsilon", positive=True, optional=True)
     _number(cfg, "delta", positive=True, optional=True)
-    for f in ("augment_flips", "augment_rot90", "logit_adjust", "dp", "progress"):
+    for f in ("augment_flips", "augment_rot90", "augment_rotate", "logit_adjust", "dp", "progress"):
         _flag(cfg, f)
     for f in ("name", "dataset", "normalisation", "backbone"):
         _text(cfg, f)
@@ -339,8 +349,9 @@ def validate(cfg: RunConfig) -> None:
             # Class weights from the training labels are a release of private data; the
             # proposed technique spends budget on a noisy histogram instead.
             raise ConfigError(
-                "class_weights='balanced' reads class counts of the private training data, "
-                "which is not covered by the DP guarantee; use class_weights='none' under dp"
+                f"class_weights={cfg.class_weights!r} reads class counts of the private "
+                "training data, which is not covered by the DP guarantee; use "
+                "class_weights='none' under dp"
             )
         if cfg.dp_noise == "secure" and importlib.util.find_spec("torchcsprng") is None:
             raise ConfigError("dp_noise='secure' (Opacus secure_mode) needs the torchcsprng "

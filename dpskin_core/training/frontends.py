@@ -305,7 +305,8 @@ class Pixels(FrontEnd):
                     norm: Norm) -> torch.Tensor:
         x = xb.float().div_(255.0).repeat_interleave(k, dim=0)
         x = augment(x, generator, flips=cfg.augment_flips, rot90=cfg.augment_rot90,
-                    color=cfg.augment_color, translate=cfg.augment_translate)
+                    color=cfg.augment_color, translate=cfg.augment_translate,
+                    rotate=cfg.augment_rotate, zoom=cfg.augment_zoom)
         return (x - norm[0]) / norm[1]
 
     def eval_inputs(self, xb: torch.Tensor, norm: Norm) -> torch.Tensor:

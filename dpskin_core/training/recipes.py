@@ -106,6 +106,13 @@ class Params:
     #: training images, and of the end-to-end DP recipes' (data-independent: free under DP)
     augment_translate: int = 0
     dp_augment_translate: int = 0
+    #: random rotation by any angle and random scale in [1 - zoom, 1 + zoom] (one resampling,
+    #: reflected border; ``RunConfig.augment_rotate`` / ``augment_zoom``) of the non-private
+    #: references' training images, and of the end-to-end DP recipes' (data-independent)
+    augment_rotate: bool = False
+    augment_zoom: float = 0.0
+    dp_augment_rotate: bool = False
+    dp_augment_zoom: float = 0.0
     #: the non-private references' L2 weight decay (the optimiser's own ``weight_decay``,
     #: coupled to the gradient, on every parameter); the DP recipes keep none
     weight_decay: float = 0.0
@@ -138,6 +145,13 @@ class Params:
         for name in ("augment_translate", "dp_augment_translate"):
             check_number(getattr(self, name), f"profile parameter {name} (px)", integer=True,
                          nonnegative=True)
+        for name in ("augment_zoom", "dp_augment_zoom"):
+            check_number(getattr(self, name), f"profile parameter {name}", nonnegative=True,
+                         below=1)
+        for name in ("augment_rotate", "dp_augment_rotate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"profile parameter {name} must be true or false, got "
+                                  f"{getattr(self, name)!r}")
         check_number(self.dp_la_tau_kept, "profile parameter dp_la_tau_kept", nonnegative=True)
         check_number(self.weight_decay, "profile parameter weight_decay", nonnegative=True)
         check_number(self.reference_la_tau, "profile parameter reference_la_tau", nonnegative=True)
@@ -325,6 +339,7 @@ def _reference(p: Params, **over: Any) -> RunConfig:
     return _end_to_end(p, **imbalance, early_stopping_patience=p.patience,
                        warmup_epochs=p.warmup_epochs, lr_schedule=p.lr_schedule,
                        augment_color=p.augment_color, augment_translate=p.augment_translate,
+                       augment_rotate=p.augment_rotate, augment_zoom=p.augment_zoom,
                        weight_decay=p.weight_decay, ema_decay=p.reference_ema,
                        colour_constancy=p.reference_colour_constancy,
                        mixing=p.reference_mixing, mixing_alpha=p.reference_mixing_alpha, **over)
@@ -343,6 +358,7 @@ def _dp(p: Params, optimizer: str, backbone: Optional[str] = None,
                        logit_adjust=p.dp_logit_adjust, la_tau=p.dp_la_tau,
                        la_tau_kept=p.dp_la_tau_kept if p.dp_logit_adjust else 0.0, ema_decay=p.dp_ema,
                        aug_mult=p.dp_aug_mult, augment_translate=p.dp_augment_translate,
+                       augment_rotate=p.dp_augment_rotate, augment_zoom=p.dp_augment_zoom,
                        optimizer=optimizer, lr=p.dp_lr(net, optimizer), **over)
 
 
@@ -487,6 +503,8 @@ def ablation_no_front_end(p: Params, target_epsilon: Optional[float] = None) -> 
                                image_size=base.image_size, lr=base.lr,
                                batch_size=base.batch_size, epochs=base.epochs,
                                ema_decay=base.ema_decay, augment_translate=base.augment_translate,
+                               augment_rotate=base.augment_rotate,
+                               augment_zoom=base.augment_zoom,
                                augment_flips=True, augment_rot90=True)
 
 
@@ -505,7 +523,8 @@ def ablation_scatter_front_end(p: Params) -> RunConfig:
 #: a morphed sample cannot be flipped, rotated or colour-jittered without the key: the MpLe
 #: runs, and the plain run they are compared with, see each image as it is
 _NO_AUGMENTATION = dict(augment_flips=False, augment_rot90=False, augment_color=0.0,
-                        augment_translate=0, mixing="none")
+                        augment_translate=0, augment_rotate=False, augment_zoom=0.0,
+                        mixing="none")
 
 
 @_recipe("mple/plain-no-augmentation", "plain, no augmentation", E2E)
@@ -531,9 +550,10 @@ def mple_dp_sgd(p: Params, backbone: Optional[str] = None,
 
 # --------------------------------------------------------------------------- attacked models
 #: the attacked end-to-end models train at a constant rate for a fixed number of epochs,
-#: without colour jitter or shifts (as the attacks chapter has measured them)
+#: without colour jitter, shifts, rotations or zoom (as the attacks chapter has measured them)
 _PLAIN = dict(early_stopping_patience=None, warmup_epochs=0.0, lr_schedule="constant",
-              augment_color=0.0, augment_translate=0, mixing="none")
+              augment_color=0.0, augment_translate=0, augment_rotate=False, augment_zoom=0.0,
+              mixing="none")
 
 
 def _attack(cfg: RunConfig, p: Params) -> RunConfig:
@@ -560,9 +580,11 @@ def attack_nonprivate_no_augmentation(p: Params) -> RunConfig:
 
 
 def _plain_dp(cfg: RunConfig) -> RunConfig:
-    """The plain DP baseline (no levers, no shifts), as the attacks chapter measures it."""
+    """The plain DP baseline (no levers, no shifts or rotations), as the attacks chapter
+    measures it."""
     return cfg.replace(logit_adjust=False, la_tau=1.0, la_tau_kept=0.0, ema_decay=None,
-                       aug_mult=1, augment_translate=0)
+                       aug_mult=1, augment_translate=0, augment_rotate=False,
+                       augment_zoom=0.0)
 
 
 @_recipe("attack/dp-sgd", "DP-SGD", PROPOSED)

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ..constants import NUM_CLASSES
+from ..errors import ConfigError
 from .sampling import grad_samples
 
 
@@ -121,6 +122,30 @@ def balanced_weights(counts: np.ndarray, floor: float = 1.0) -> np.ndarray:
     floored at ``floor`` (an empty class gets a large weight, not a division by zero)."""
     c = np.asarray(counts, dtype=np.float64)
     return c.sum() / (len(c) * np.maximum(c, floor))
+
+
+def class_loss_weights(counts: np.ndarray, kind: str) -> np.ndarray:
+    """The loss's class weights of ``RunConfig.class_weights`` (non-private: exact counts):
+    ``balanced``, N / (K n_c); ``sqrt-resampled``, their square root, for batches drawn in
+    proportion to n_c^-1/2 (:func:`class_sampling_weights`): each class's expected share of
+    the loss is then the same, as with ``balanced``, but from more of its images and smaller
+    weights (a rare class is seen sqrt(N / (K n_c)) times as often, not weighted that much
+    more)."""
+    w = balanced_weights(counts)
+    if kind == "balanced":
+        return w
+    if kind == "sqrt-resampled":
+        return np.sqrt(w)
+    raise ConfigError(f"class_weights={kind!r}: no loss weights (known: balanced, sqrt-resampled)")
+
+
+def class_sampling_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per-image draw probabilities (float64, summing to 1) of ``sqrt-resampled`` batches:
+    proportional to n_c^-1/2 for an image of class c, so that class c is drawn in proportion
+    to sqrt(n_c)."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    p = np.sqrt(balanced_weights(counts))[labels]
+    return p / p.sum()
 
 
 class LogitAdjustedLoss(nn.Module):

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from ..constants import CLASSES
@@ -230,10 +230,10 @@ def build_criterion(cfg: RunConfig, data: DataBundle, device: torch.device,
             released["prior"] = {"counts": prior_counts.round(2).tolist(),
                                  "source": "given (e.g. a federation's summed noisy histograms)"}
         return prior_loss(counts, cfg.la_tau).to(device), prefix, released
-    if cfg.class_weights == "balanced":
-        from .technique import balanced_weights
+    if cfg.class_weights != "none":
+        from .technique import class_loss_weights
 
-        w = torch.tensor(balanced_weights(counts), dtype=torch.float32)
+        w = torch.tensor(class_loss_weights(counts, cfg.class_weights), dtype=torch.float32)
         return nn.CrossEntropyLoss(weight=w.to(device)), (), {}
     return nn.CrossEntropyLoss(), (), {}
 
@@ -440,8 +440,16 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
         model = wrap_plain(model, world)
         # distributed: only full batches, so that every rank's slice is non-empty (DDP's
         # all-reduce needs a backward pass on every rank)
+        sampler = None
+        if cfg.class_weights == "sqrt-resampled":  # n_train draws with replacement an epoch
+            from .technique import class_sampling_weights
+
+            sampler = WeightedRandomSampler(
+                torch.from_numpy(class_sampling_weights(data.y_train, len(CLASSES))), n_train,
+                replacement=True, generator=g_sample)
         loader = DataLoader(TensorDataset(torch.arange(n_train)), batch_size=cfg.batch_size,
-                            shuffle=True, generator=g_sample, drop_last=world.distributed)
+                            shuffle=sampler is None, sampler=sampler, generator=g_sample,
+                            drop_last=world.distributed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         getattr(optimizer, "original_optimizer", optimizer),
         lr_factor(cfg.lr_schedule, total_steps, round(cfg.warmup_epochs * steps_per_epoch)))
