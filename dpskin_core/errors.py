@@ -56,3 +56,10 @@ def check_number(value: object, what: str, *, integer: bool = False, positive: b
             or (positive and not value > 0) or (nonnegative and not value >= 0)
             or (below is not None and not value < below)):
         raise ConfigError(f"{what} must be a {kind}{' or None' if optional else ''}, got {value!r}")
+
+
+def check_flag(value: object, what: str) -> None:
+    """Raise :class:`ConfigError` naming ``what`` unless ``value`` is a bool (not 0 / 1, not a
+    string): the flag check of configs and profiles, beside :func:`check_number`."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, got {value!r}")

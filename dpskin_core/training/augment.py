@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..constants import NORMALISATIONS
-from ..errors import ConfigError
+from ..errors import ConfigError, check_number
 from ..registry import Registry
 
 #: name -> uint8 images (N, S, S, 3) -> uint8 images of the same shape
@@ -93,8 +93,7 @@ def rotate_zoom_batch(x: torch.Tensor, rotate: bool, zoom: float,
     [1 - zoom, 1 + zoom] (> 1 zooms in); one bilinear resampling, the uncovered border filled
     by reflection (as :func:`translate_batch`). The angle is drawn before the factor, each only
     when on. Raises ``ConfigError`` unless 0 <= zoom < 1."""
-    if not (isinstance(zoom, (int, float)) and math.isfinite(zoom) and 0 <= zoom < 1):
-        raise ConfigError(f"augment_zoom={zoom!r}: must be in [0, 1)")
+    check_number(zoom, "augment_zoom", nonnegative=True, below=1)
     n = x.shape[0]
     angle = (2 * math.pi * torch.rand(n, generator=generator) if rotate
              else torch.zeros(n))  # radians

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 from ..constants import NORMALISATIONS
 from ..data import DATASETS
-from ..errors import ConfigError, UnknownNameError, check_number
+from ..errors import ConfigError, UnknownNameError, check_flag, check_number
 from .augment import COLOUR_CONSTANCY, MIXINGS
 from .backbones import BACKBONES
 from .frontends import FRONT_ENDS
@@ -231,8 +231,8 @@ def _number(cfg: RunConfig, field: str, **kw: bool) -> None:
 
 
 def _flag(cfg: RunConfig, field: str) -> None:
-    if not isinstance(getattr(cfg, field), bool):
-        raise ConfigError(f"{field} must be true or false, got {getattr(cfg, field)!r}")
+    """:func:`~dpskin_core.errors.check_flag` of the field ``field`` of ``cfg``."""
+    check_flag(getattr(cfg, field), field)
 
 
 def _text(cfg: RunConfig, field: str, optional: bool = False) -> None:

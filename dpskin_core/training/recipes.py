@@ -19,7 +19,7 @@ import inspect
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import ConfigError, check_number
+from ..errors import ConfigError, check_flag, check_number
 from ..registry import Registry
 from .augment import COLOUR_CONSTANCY, MIXINGS
 from .backbones import BACKBONES
@@ -149,9 +149,7 @@ class Params:
             check_number(getattr(self, name), f"profile parameter {name}", nonnegative=True,
                          below=1)
         for name in ("augment_rotate", "dp_augment_rotate"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"profile parameter {name} must be true or false, got "
-                                  f"{getattr(self, name)!r}")
+            check_flag(getattr(self, name), f"profile parameter {name}")
         check_number(self.dp_la_tau_kept, "profile parameter dp_la_tau_kept", nonnegative=True)
         check_number(self.weight_decay, "profile parameter weight_decay", nonnegative=True)
         check_number(self.reference_la_tau, "profile parameter reference_la_tau", nonnegative=True)
@@ -519,12 +517,16 @@ def ablation_scatter_front_end(p: Params) -> RunConfig:
                                augment_flips=True, augment_rot90=True)
 
 
+#: every resampling of the image off (shift, rotation, zoom): for the runs that see their
+#: images as they are (MpLe's, below) or as the attacks chapter has measured them
+_NO_RESAMPLING = dict(augment_translate=0, augment_rotate=False, augment_zoom=0.0)
+
+
 # --------------------------------------------------------------------------- MpLe (chapter 08)
 #: a morphed sample cannot be flipped, rotated or colour-jittered without the key: the MpLe
 #: runs, and the plain run they are compared with, see each image as it is
 _NO_AUGMENTATION = dict(augment_flips=False, augment_rot90=False, augment_color=0.0,
-                        augment_translate=0, augment_rotate=False, augment_zoom=0.0,
-                        mixing="none")
+                        **_NO_RESAMPLING, mixing="none")
 
 
 @_recipe("mple/plain-no-augmentation", "plain, no augmentation", E2E)
@@ -552,8 +554,7 @@ def mple_dp_sgd(p: Params, backbone: Optional[str] = None,
 #: the attacked end-to-end models train at a constant rate for a fixed number of epochs,
 #: without colour jitter, shifts, rotations or zoom (as the attacks chapter has measured them)
 _PLAIN = dict(early_stopping_patience=None, warmup_epochs=0.0, lr_schedule="constant",
-              augment_color=0.0, augment_translate=0, augment_rotate=False, augment_zoom=0.0,
-              mixing="none")
+              augment_color=0.0, **_NO_RESAMPLING, mixing="none")
 
 
 def _attack(cfg: RunConfig, p: Params) -> RunConfig:
@@ -583,8 +584,7 @@ def _plain_dp(cfg: RunConfig) -> RunConfig:
     """The plain DP baseline (no levers, no shifts or rotations), as the attacks chapter
     measures it."""
     return cfg.replace(logit_adjust=False, la_tau=1.0, la_tau_kept=0.0, ema_decay=None,
-                       aug_mult=1, augment_translate=0, augment_rotate=False,
-                       augment_zoom=0.0)
+                       aug_mult=1, **_NO_RESAMPLING)
 
 
 @_recipe("attack/dp-sgd", "DP-SGD", PROPOSED)

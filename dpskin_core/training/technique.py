@@ -144,7 +144,7 @@ def class_sampling_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     proportional to n_c^-1/2 for an image of class c, so that class c is drawn in proportion
     to sqrt(n_c)."""
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    p = np.sqrt(balanced_weights(counts))[labels]
+    p = class_loss_weights(counts, "sqrt-resampled")[labels]  # the loss weights, n_c^-1/2
     return p / p.sum()
 
 
