@@ -8,12 +8,16 @@ validation runs by default), the run's released predictor
 ``--score`` split (validation by default: where a choice is made; ``--score test`` reports a
 choice already made, never makes one) by the mean softmax over the first 1, 2, 4 and 8 symmetries of the square
 (:data:`dpskin_core.attacks.victims.DIHEDRAL`: identity, horizontal flip, vertical flip,
-transpose, ...), paired: the same network on the same images.
+transpose, ...), paired: the same network on the same images. ``--score train`` with
+``--views 1`` measures how well each released model fits its own (unaugmented)
+training images: an under-fitting diagnostic, beside its validation score.
 
     python benchmarks/tta_views.py --runs runs/val --backbone smallcnn_stats \
         --out benchmarks/results/tta_views_dp_32px_val.csv
     python benchmarks/tta_views.py --runs runs/cpu64 --backbone resnet18 --split test \
         --nonprivate --out benchmarks/results/tta_views_resnet18_64px_val.csv
+    python benchmarks/tta_views.py --runs runs/cpu64 --backbone resnet18 --split test \
+        --nonprivate --score train,val --views 1 --out benchmarks/results/fit_resnet18_64px.csv
 
 One row per run and number of views (``bacc``; ``gain`` against the single view).
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -48,8 +52,9 @@ def finished(root: Path, split: str, backbone: Optional[str], private: bool) -> 
     return [Path(d) for d in sorted(runs.loc[keep, "run_dir"])]
 
 
-def run_rows(run_dir: Path, split: str, cache: Dict[str, DataBundle]) -> List[dict]:
-    """One row per number of views for the run in ``run_dir``, scored on ``split``.
+def run_rows(run_dir: Path, split: str, cache: Dict[str, DataBundle],
+             views: Tuple[int, ...] = VIEWS) -> List[dict]:
+    """One row per number of ``views`` for the run in ``run_dir``, scored on ``split``.
     (The validation split of a run evaluated on test is the one it chose its epoch on.)"""
     m = load_trained(run_dir)
     spec = data_spec(m.config)
@@ -57,13 +62,13 @@ def run_rows(run_dir: Path, split: str, cache: Dict[str, DataBundle]) -> List[di
     if key not in cache:  # one decode per data spec (side, split seed), not per run
         cache[key] = load_data(spec)
     x, y = getattr(cache[key], f"x_{split}"), getattr(cache[key], f"y_{split}")
-    probs = softmax(m.view_logits(x, views=max(VIEWS)), axis=-1)  # (N, V, C)
+    probs = softmax(m.view_logits(x, views=max(views)), axis=-1)  # (N, V, C)
     c = m.config
     base = {"run": run_dir.name, "backbone": c.backbone, "dp": c.dp, "optimizer": c.optimizer,
             "seed": c.seed, "target_eps": c.target_epsilon, "image_size": c.image_size,
-            "patience": c.early_stopping_patience, "scored": split}
+            "patience": c.early_stopping_patience, "split": c.split, "scored": split}
     rows = [{**base, "views": v, "bacc": balanced_accuracy(y, probs[:, :v].mean(1).argmax(1))}
-            for v in VIEWS]
+            for v in views]
     for r in rows:
         r["gain"] = r["bacc"] - rows[0]["bacc"]
     return rows
@@ -75,12 +80,19 @@ def main() -> None:
     ap.add_argument("--backbone", default=None, help="only this network's runs")
     ap.add_argument("--split", choices=("val", "test"), default="val",
                     help="read the runs evaluated on this split")
-    ap.add_argument("--score", choices=("val", "test"), default="val",
-                    help="the split scored (test: a report, never a choice)")
+    ap.add_argument("--score", default="val",
+                    help="the split(s) scored, a comma list of train, val, test (test: a "
+                         "report, never a choice; train: the fit)")
+    ap.add_argument("--views", type=int, choices=VIEWS, default=max(VIEWS),
+                    help="score 1, 2, ... up to this many views")
     ap.add_argument("--nonprivate", action="store_true", help="the non-private runs, not DP")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="CSV of every run and number of views")
     a = ap.parse_args()
+    scored = a.score.split(",")
+    bad = [s for s in scored if s not in ("train", "val", "test")]
+    if bad:
+        raise SystemExit(f"--score: unknown split(s) {bad}; expected train, val or test")
     if a.threads:
         torch.set_num_threads(a.threads)
     root = Path(a.runs)
@@ -91,12 +103,14 @@ def main() -> None:
         raise SystemExit(f"{root}: no finished {'non-private' if a.nonprivate else 'DP'} run "
                          f"evaluated on {a.split}")
     cache: Dict[str, DataBundle] = {}
-    rows = [r for d in tqdm(dirs, desc="runs") for r in run_rows(d, a.score, cache)]
+    views = tuple(v for v in VIEWS if v <= a.views)
+    rows = [r for d in tqdm(dirs, desc="runs") for s in scored
+            for r in run_rows(d, s, cache, views)]
     df = pd.DataFrame(rows)
     if a.out:
         df.to_csv(a.out, index=False)
-    g = df.groupby(["backbone", "optimizer", "target_eps", "image_size", "patience", "views"],
-                   dropna=False)
+    g = df.groupby(["backbone", "optimizer", "target_eps", "image_size", "patience", "scored",
+                    "views"], dropna=False)
     print(g.agg(n=("run", "size"), bacc=("bacc", "mean"), gain=("gain", "mean"),
                 gained=("gain", lambda s: int((s > 0).sum()))).round(3).to_string())
 
