@@ -52,25 +52,29 @@ def finished(root: Path, split: str, backbone: Optional[str], private: bool) -> 
     return [Path(d) for d in sorted(runs.loc[keep, "run_dir"])]
 
 
-def run_rows(run_dir: Path, split: str, cache: Dict[str, DataBundle],
+def run_rows(run_dir: Path, splits: Tuple[str, ...], cache: Dict[str, DataBundle],
              views: Tuple[int, ...] = VIEWS) -> List[dict]:
-    """One row per number of ``views`` for the run in ``run_dir``, scored on ``split``.
-    (The validation split of a run evaluated on test is the one it chose its epoch on.)"""
+    """One row per scored split and number of ``views`` for the run in ``run_dir`` (its model
+    loaded once). (The validation split of a run evaluated on test is the one it chose its
+    epoch on.)"""
     m = load_trained(run_dir)
     spec = data_spec(m.config)
     key = repr(spec)
     if key not in cache:  # one decode per data spec (side, split seed), not per run
         cache[key] = load_data(spec)
-    x, y = getattr(cache[key], f"x_{split}"), getattr(cache[key], f"y_{split}")
-    probs = softmax(m.view_logits(x, views=max(views)), axis=-1)  # (N, V, C)
     c = m.config
     base = {"run": run_dir.name, "backbone": c.backbone, "dp": c.dp, "optimizer": c.optimizer,
             "seed": c.seed, "target_eps": c.target_epsilon, "image_size": c.image_size,
-            "patience": c.early_stopping_patience, "split": c.split, "scored": split}
-    rows = [{**base, "views": v, "bacc": balanced_accuracy(y, probs[:, :v].mean(1).argmax(1))}
-            for v in views]
-    for r in rows:
-        r["gain"] = r["bacc"] - rows[0]["bacc"]
+            "patience": c.early_stopping_patience, "split": c.split}
+    rows: List[dict] = []
+    for split in splits:
+        x, y = getattr(cache[key], f"x_{split}"), getattr(cache[key], f"y_{split}")
+        probs = softmax(m.view_logits(x, views=max(views)), axis=-1)  # (N, V, C)
+        one = [{**base, "scored": split, "views": v,
+                "bacc": balanced_accuracy(y, probs[:, :v].mean(1).argmax(1))} for v in views]
+        for r in one:
+            r["gain"] = r["bacc"] - one[0]["bacc"]
+        rows += one
     return rows
 
 
@@ -89,7 +93,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="CSV of every run and number of views")
     a = ap.parse_args()
-    scored = a.score.split(",")
+    scored = a.score.split(",")  # in the order given
     bad = [s for s in scored if s not in ("train", "val", "test")]
     if bad:
         raise SystemExit(f"--score: unknown split(s) {bad}; expected train, val or test")
@@ -104,8 +108,7 @@ def main() -> None:
                          f"evaluated on {a.split}")
     cache: Dict[str, DataBundle] = {}
     views = tuple(v for v in VIEWS if v <= a.views)
-    rows = [r for d in tqdm(dirs, desc="runs") for s in scored
-            for r in run_rows(d, s, cache, views)]
+    rows = [r for d in tqdm(dirs, desc="runs") for r in run_rows(d, tuple(scored), cache, views)]
     df = pd.DataFrame(rows)
     if a.out:
         df.to_csv(a.out, index=False)

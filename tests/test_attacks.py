@@ -14,6 +14,7 @@ from dpskin_core.attacks import cards
 from dpskin_core.training import records
 from dpskin_core.attacks import MIAData, TrainedModel, membership
 from dpskin_core.training.config import RunConfig
+from dpskin_core.training.backbones import has_batchnorm
 from dpskin_core.errors import ConfigError, UnknownNameError
 
 from test_train import random_bundle
@@ -195,15 +196,17 @@ def test_membership_experiment_end_to_end(tmp_path):
     np.testing.assert_allclose(again.scores["lira_online"], exp.scores["lira_online"])
 
 
-@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9}])
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9}, {"backbone": "resnet18", "norm": "batch"}])
 def test_load_trained_reproduces_the_runs_predictions(tmp_path, extra):
     data = random_bundle(n_train=120, n_val=35, n_test=35, size=16)
-    res = attacks.train_on(RunConfig(**FAST, epochs=2, **extra), data, tmp_path)[0]
+    res = attacks.train_on(RunConfig(**{**FAST, "epochs": 2, **extra}), data, tmp_path)[0]
     model = attacks.load_trained(res.run_dir)
+    # the run's own network: a BatchNorm run reloads with its BatchNorm and running statistics
+    assert has_batchnorm(model.model) == (extra.get("norm") == "batch")
     pred = records.load_predictions(res.run_dir)
     np.testing.assert_allclose(model.predict_proba(data.x_test), pred.filter(like="prob_").to_numpy(),
                                atol=1e-5)
-    if extra:  # the released model is the EMA, not the last iterate
+    if "ema_decay" in extra:  # the released model is the EMA, not the last iterate
         last = attacks.load_trained(res.run_dir, "last").predict_proba(data.x_test)
         assert np.abs(last - pred.filter(like="prob_").to_numpy()).max() > 1e-4
     with pytest.raises(ConfigError, match="not a run folder"):

@@ -157,6 +157,35 @@ def test_torchvision_without_dp_keeps_batchnorm():
     assert has_batchnorm(build_backbone("resnet18", dp_compatible=False))
 
 
+def test_norm_batch_is_non_private_only_and_needs_a_batchnorm_network():
+    """RunConfig.norm='batch' keeps torchvision's BatchNorm in a non-private run; refused
+    under DP and on the GroupNorm-only small CNNs; at 'group' it leaves run ids as before.
+    The profiles' reference_norm reaches the non-private references only."""
+    from dpskin_core.book.registry import load_registry
+    from dpskin_core.training.config import RunConfig
+    from dpskin_core.training.recipes import RECIPES, Params
+    from dpskin_core.training.trainer import build_network
+
+    assert has_batchnorm(build_network(RunConfig(backbone="resnet18", norm="batch")))
+    assert not has_batchnorm(build_network(RunConfig(backbone="resnet18")))
+    assert "norm" not in RunConfig(backbone="resnet18").semantic_dict()
+    assert RunConfig(backbone="resnet18", norm="batch").semantic_dict()["norm"] == "batch"
+    with pytest.raises(ConfigError, match="norm='batch'.*dp"):
+        RunConfig(backbone="resnet18", norm="batch", dp=True, target_epsilon=8.0)
+    with pytest.raises(ConfigError, match="norm"):
+        RunConfig(backbone="resnet18", norm="layer")
+    with pytest.raises(ConfigError, match="'smallcnn' has no BatchNorm"):
+        build_network(RunConfig(backbone="smallcnn", norm="batch"))
+    p = load_registry().params("cpu")
+    fields = {f: getattr(p, f) for f in Params.field_names()}
+    q = Params(**{**fields, "backbones": ("resnet18",), "dp_backbones": ("resnet18",),
+                  "reference_norm": "batch"})
+    assert RECIPES.get("nonprivate-adam").config(q, seed=0).norm == "batch"
+    assert RECIPES.get("dp-sgd").config(q, target_epsilon=8.0, seed=0).norm == "group"
+    with pytest.raises(ConfigError, match="reference_norm"):
+        Params(**{**fields, "reference_norm": "layer"})
+
+
 @pytest.mark.parametrize("channels, groups", [(64, 32), (16, 8), (24, 12), (40, 20), (3, 1),
                                               (960, 32), (88, 22)])
 def test_gn_groups_divide_channels(channels, groups):

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..files import read_json
 from ..training import RunConfig, run
 from ..training.augment import normaliser
-from ..training.backbones import build_backbone
+from ..training.trainer import build_network
 from ..training.checkpoint import released_weights
 from ..training.frontends import FRONT_ENDS
 from ..training.records import prediction_shift
@@ -136,7 +136,7 @@ def load_trained(run_dir: PathLike, checkpoint: str = "released",
                                          checkpoint)
     except ConfigError as e:
         raise ConfigError(f"run_dir {d}: {e}") from None
-    model = build_backbone(cfg.backbone, num_classes=len(CLASSES))
+    model = build_network(cfg)
     model.load_state_dict(weights)
     return TrainedModel(model.to(device), cfg, meta, d)
 

@@ -27,12 +27,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..constants import CLASSES
 from ..errors import ConfigError
 from ..files import read_json, write_json
 from ..training import RunConfig
 from ..training import privacy
-from ..training.backbones import build_backbone
+from ..training.trainer import build_network
 from ..training.checkpoint import StateDict
 from ..training.frontends import Inputs
 from ..training.metrics import evaluate as classification_metrics
@@ -185,7 +184,7 @@ def evaluate(client: Client, cfg: RunConfig, weights: StateDict, split: str = "t
     if split not in ("val", "test"):
         raise ConfigError(f"evaluate: split must be 'val' or 'test', got {split!r}")
     device = pick_device(cfg.device)
-    model = build_backbone(cfg.backbone, num_classes=len(CLASSES)).to(device)
+    model = build_network(cfg).to(device)
     model.load_state_dict(weights)
     inputs = Inputs(cfg.replace(eval_split=split), client.data, device)
     y = getattr(client.data, f"y_{split}")
@@ -202,7 +201,7 @@ def initial_weights(cfg: RunConfig) -> StateDict:
     from ..training.trainer import init_seed
 
     torch.manual_seed(init_seed(cfg.seed))
-    return build_backbone(cfg.backbone, num_classes=len(CLASSES)).state_dict()
+    return build_network(cfg).state_dict()
 
 
 __all__ = ["FitResult", "client_config", "evaluate", "fit", "for_client", "initial_weights",

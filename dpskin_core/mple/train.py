@@ -35,13 +35,12 @@ import torch
 from torch import nn
 
 from ..attacks.membership import heldout_members, loss_threshold_game
-from ..constants import CLASSES
 from ..data.datasets import DataBundle, load_data
 from ..errors import ConfigError
 from ..files import read_json, write_json
 from ..training import RunConfig, RunResult, run
 from ..training.augment import normaliser, to_float
-from ..training.backbones import build_backbone
+from ..training.trainer import build_network
 from ..training.checkpoint import dp_seed, released_weights
 from ..training.quiet import benign_warnings_silenced
 from ..training.records import (default_runs_root, is_complete, load_run, prediction_shift,
@@ -131,7 +130,7 @@ def provide(cfg: RunConfig, spec: MpleSpec, data: DataBundle, root: Path) -> Pro
     key_seed, perm_seed = (int(_digest([secret, what, cfg.seed]), 16) for what in ("key", "perm"))
     key = make_key(spec.key_spec(cfg.image_size, key_seed))
     torch.manual_seed(init_seed(cfg.seed))  # C_r and the rest: the plain run's initialisation
-    plain = build_backbone(cfg.backbone, num_classes=len(CLASSES), pretrained_path=cfg.pretrained_path)
+    plain = build_network(cfg, pretrained=True)
     net, perm = build_mple(plain, key, perm_seed)
     conv, _ = split_first_conv(plain)
     folder = root / "shipped" / _data_id(cfg) / f"seed{cfg.seed}"

@@ -41,6 +41,10 @@ FEATURE_NORMS = ("none", "private", "exact")
 STANDARDISING_HEADS = ("derm_linear",)
 
 LR_SCHEDULES = ("constant", "cosine")
+#: the normalisation layers of a torchvision backbone: ``group`` (BatchNorm replaced by
+#: GroupNorm, per example: the only choice under DP) or ``batch`` (torchvision's BatchNorm
+#: kept, batch statistics: non-private only)
+NORMS = ("group", "batch")
 CLASS_WEIGHTS = ("none", "balanced", "sqrt-resampled")
 EVAL_SPLITS = ("val", "test")
 SPLITS = ("lesion", "official")
@@ -77,6 +81,7 @@ class RunConfig:
     split_seed: int = 0                     # the split is shared across training seeds
     synth_n: int = 1200                     # images in the synthetic dataset
     normalisation: str = "imagenet"         # fixed public constants, see constants.NORMALISATIONS
+    norm: str = "group"                     # group | batch (non-private only), see NORMS
     augment_flips: bool = True              # random horizontal + vertical flips
     augment_rot90: bool = True              # random multiples of 90 degrees (lesions have no "up")
     augment_color: float = 0.0              # colour jitter strength (0 = off; 0.1 = +-10 %)
@@ -196,6 +201,8 @@ class RunConfig:
             off.add("augment_rotate")
         if self.augment_zoom == 0:
             off.add("augment_zoom")
+        if self.norm == "group":  # (and for GroupNorm networks, every network before norm)
+            off.add("norm")
         return frozenset(off)
 
     def semantic_dict(self) -> Dict[str, Any]:
@@ -296,6 +303,11 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg, "feature_norm", FEATURE_NORMS)
     _choice(cfg, "colour_constancy", COLOUR_CONSTANCY.names())
     _choice(cfg, "mixing", MIXINGS)
+    _choice(cfg, "norm", NORMS)
+    if cfg.norm == "batch" and cfg.dp:
+        raise ConfigError("norm='batch': BatchNorm mixes the examples of a batch, so one "
+                          "example's gradient is not its own and DP-SGD's clipping bounds "
+                          "nothing; under dp use norm='group'")
     if cfg.mixing != "none" and cfg.dp:
         raise ConfigError(f"mixing={cfg.mixing!r} puts two training images into one input, so "
                           "one image would reach two per-sample gradients: the DP guarantee "

@@ -23,7 +23,7 @@ from ..errors import ConfigError, check_flag, check_number
 from ..registry import Registry
 from .augment import COLOUR_CONSTANCY, MIXINGS
 from .backbones import BACKBONES
-from .config import RunConfig
+from .config import NORMS, RunConfig
 
 #: the optimisers of the end-to-end DP recipes, as keys of ``Params.lr_dp_by_backbone``
 DP_OPTIMIZERS = ("sgd", "adam")
@@ -132,6 +132,9 @@ class Params:
     #: and its Beta(alpha, alpha) parameter; refused under DP (one image in two inputs)
     reference_mixing: str = "none"
     reference_mixing_alpha: float = 1.0
+    #: the non-private references' normalisation layers (``RunConfig.norm``: group, the DP
+    #: runs' GroupNorm, or batch, torchvision's BatchNorm kept; not for the small CNNs)
+    reference_norm: str = "group"
     #: the end-to-end DP recipes' prior strength kept at prediction (``RunConfig.la_tau_kept``:
     #: the released predictor's logits are f(x) + this * log(noisy prior); post-processing)
     dp_la_tau_kept: float = 0.0
@@ -162,6 +165,9 @@ class Params:
         if self.reference_mixing not in MIXINGS:
             raise ConfigError(f"profile parameter reference_mixing={self.reference_mixing!r}; "
                               f"known: {', '.join(MIXINGS)}")
+        if self.reference_norm not in NORMS:
+            raise ConfigError(f"profile parameter reference_norm={self.reference_norm!r}; "
+                              f"known: {', '.join(NORMS)}")
         if self.reference_colour_constancy not in COLOUR_CONSTANCY.names():
             raise ConfigError(f"profile parameter reference_colour_constancy="
                               f"{self.reference_colour_constancy!r}; known: "
@@ -340,7 +346,8 @@ def _reference(p: Params, **over: Any) -> RunConfig:
                        augment_rotate=p.augment_rotate, augment_zoom=p.augment_zoom,
                        weight_decay=p.weight_decay, ema_decay=p.reference_ema,
                        colour_constancy=p.reference_colour_constancy,
-                       mixing=p.reference_mixing, mixing_alpha=p.reference_mixing_alpha, **over)
+                       mixing=p.reference_mixing, mixing_alpha=p.reference_mixing_alpha,
+                       norm=p.reference_norm, **over)
 
 
 def _dp(p: Params, optimizer: str, backbone: Optional[str] = None,

@@ -49,7 +49,7 @@ from ..errors import ConfigError
 from ..files import read_json, write_atomic, write_json
 from . import privacy, records
 from .augment import mix_batch
-from .backbones import build_backbone
+from .backbones import build_backbone, has_batchnorm
 from .checkpoint import Checkpoint, StateDict, dp_seed, released_weights, save_best
 from .config import RunConfig, grad_sample_settings
 from .distributed import World, current, unwrap, wrap_plain, wrap_private
@@ -107,6 +107,19 @@ def data_spec(cfg: RunConfig) -> DataSpec:
 ModelFactory = Callable[[], nn.Module]
 
 
+def build_network(cfg: RunConfig, pretrained: bool = False) -> nn.Module:
+    """The run's network: ``cfg.backbone`` with ``cfg.norm``'s normalisation layers (and
+    ``cfg.pretrained_path``'s weights when ``pretrained``). Raises :class:`ConfigError` for
+    ``norm='batch'`` on a network with no BatchNorm to keep (the small CNNs are GroupNorm
+    either way), rather than train a GroupNorm network under the name of a BatchNorm one."""
+    model = build_backbone(cfg.backbone, num_classes=len(CLASSES), dp_compatible=cfg.norm == "group",
+                           pretrained_path=cfg.pretrained_path if pretrained else None)
+    if cfg.norm == "batch" and not has_batchnorm(model):
+        raise ConfigError(f"norm='batch': backbone {cfg.backbone!r} has no BatchNorm to keep; "
+                          "use norm='group'")
+    return model
+
+
 def check_against_data(cfg: RunConfig, data: DataBundle,
                        model_factory: Optional[ModelFactory] = None) -> None:
     """Checks that need N: batch size, delta < 1/N, non-empty evaluation split."""
@@ -123,12 +136,12 @@ def check_against_data(cfg: RunConfig, data: DataBundle,
                           "together: the factory's network takes those rows "
                           f"(features={cfg.features!r}, model_factory "
                           f"{'given' if model_factory else 'missing'})")
-    if cfg.dp:  # the per-sample gradient engine must serve every layer (a shape-only model)
+    if model_factory is None:  # a shape-only model: the network exists (norm='batch' too)
+        with torch.device("meta"):
+            shape_only = build_network(cfg)
+    if cfg.dp:  # the per-sample gradient engine must serve every layer
         if model_factory is not None:
             shape_only = model_factory()
-        else:
-            with torch.device("meta"):
-                shape_only = build_backbone(cfg.backbone, num_classes=len(CLASSES))
         resolve_mode(cfg.grad_sample_mode, shape_only, **grad_sample_settings(cfg))
 
 
@@ -398,9 +411,8 @@ def setup_training(cfg: RunConfig, data: DataBundle, device: torch.device,
     if model_factory is not None:
         model, eval_model = model_factory().to(device), model_factory().to(device)
     else:
-        model = build_backbone(cfg.backbone, num_classes=len(CLASSES),
-                               pretrained_path=cfg.pretrained_path).to(device)
-        eval_model = build_backbone(cfg.backbone, num_classes=len(CLASSES)).to(device)
+        model = build_network(cfg, pretrained=True).to(device)
+        eval_model = build_network(cfg).to(device)
     groups, units, unit_labels = None, None, None
     if cfg.dp and cfg.privacy_unit == "lesion":
         from .sampling import lesion_groups, unit_index
