@@ -107,11 +107,10 @@ def run_clipping_table(cfg, runs_root, n: int = 1024, seed: int = 0) -> pd.DataF
     ``n`` validation images (a random subset drawn with the public ``seed``)."""
     from ..data.datasets import load_data
     from ..training import run
-    from ..training.backbones import build_backbone
     from ..training.checkpoint import released_weights
     from ..training.frontends import Inputs
     from ..training.quiet import benign_warnings_silenced
-    from ..training.trainer import data_spec, init_seed, pick_device
+    from ..training.trainer import build_network, data_spec, init_seed, pick_device
 
     if not cfg.dp:
         raise ConfigError(f"run_clipping_table: run {cfg.name!r} is not private (no clipping)")
@@ -123,8 +122,8 @@ def run_clipping_table(cfg, runs_root, n: int = 1024, seed: int = 0) -> pd.DataF
     pick = np.sort(np.random.default_rng(seed).permutation(len(data.y_val))[:n])
     x = inputs.eval(inputs.val_x[torch.as_tensor(pick)])
     torch.manual_seed(init_seed(cfg.seed))
-    fresh = build_backbone(cfg.backbone, num_classes=len(CLASSES)).to(device)
-    trained = build_backbone(cfg.backbone, num_classes=len(CLASSES)).to(device)
+    fresh = build_network(cfg).to(device)
+    trained = build_network(cfg).to(device)
     trained.load_state_dict(released_weights(res.run_dir / "checkpoints",
                                              cfg.early_stopping_patience is not None)[0])
     return clipping_table({"initialisation": fresh, "released": trained}, x,

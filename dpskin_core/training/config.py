@@ -201,7 +201,7 @@ class RunConfig:
             off.add("augment_rotate")
         if self.augment_zoom == 0:
             off.add("augment_zoom")
-        if self.norm == "group":  # (and for GroupNorm networks, every network before norm)
+        if self.norm == "group":  # (so a config from before this field hashes as before)
             off.add("norm")
         return frozenset(off)
 
